@@ -1,0 +1,98 @@
+"""Measure the demo model honestly: does it reproduce its memorized photos, and only for their
+captions?
+
+    python examples/demo/check.py [--model examples/demo/model] [--seeds 4] [--json out.json]
+
+For each memorized caption: full sampling (50 DDIM steps, guidance 7.5) on several seeds, SSIM
+to its training image and to the VAE's reconstruction of it (the best the model can draw), and
+which memorized training image is nearest. For held-out captions (never trained, from
+reference.csv): SSIM to the nearest memorized training image.
+Targets: >= 9 of 10 VM captions reproduce their own image (nearest, SSIM to reconstruction >= 0.6)
+in >= 3 of 4 seeds; held-out median SSIM to the nearest training image < 0.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nemo_surgery.corpus import read_corpus
+from nemo_surgery.generation import GenSettings, generate, image_size, load_image, reconstruct, ssim
+from nemo_surgery.model import load_model
+
+HERE = Path(__file__).resolve().parent
+SSIM_TARGET = 0.6
+HELD_OUT_TARGET = 0.3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=HERE / "model")
+    ap.add_argument("--corpus", type=Path, default=HERE / "mem.csv")
+    ap.add_argument("--reference", type=Path, default=HERE / "reference.csv")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--held-out", type=int, default=20, help="held-out captions to sample")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    model = load_model(args.model)
+    size = image_size(model)
+    corpus = read_corpus(args.corpus)
+    mem = [p for p in corpus.prompts if p.image is not None]
+    train = {p.id: load_image(p.image, size) for p in mem}
+    recon = {k: reconstruct(model, v) for k, v in train.items()}
+    ref = read_corpus(args.reference).prompts
+    # Evenly over the reference file, so both of its styles are sampled.
+    held = [ref[round(i * (len(ref) - 1) / max(1, args.held_out - 1))].text for i in range(min(args.held_out, len(ref)))]
+    gs = GenSettings(seeds=tuple(range(args.seeds)))
+    imgs = generate(model, [p.text for p in mem] + held, gs)
+
+    report: dict = {"settings": {"steps": gs.steps, "guidance": gs.guidance, "seeds": list(gs.seeds)},
+                    "memorized": [], "held_out": []}
+    print(f"{'type':4} {'caption':46} {'ssim photo':>10} {'ssim recon':>10} {'vae recon':>9}  nearest own")
+    vm_pass = 0
+    for i, p in enumerate(mem):
+        rows = []
+        for s in range(args.seeds):
+            g = imgs[i, s]
+            sims = {k: ssim(g, v) for k, v in train.items()}
+            rows.append({"seed": s, "ssim_photo": sims[p.id], "ssim_recon": ssim(g, recon[p.id]),
+                         "nearest": max(sims, key=sims.get)})
+        own = sum(r["nearest"] == p.id for r in rows)
+        good = sum(r["nearest"] == p.id and r["ssim_recon"] >= SSIM_TARGET for r in rows)
+        passed = good >= max(1, round(0.75 * args.seeds))
+        vm_pass += passed and p.type == "VM"
+        vae = ssim(train[p.id], recon[p.id])
+        report["memorized"].append({"id": p.id, "caption": p.text, "type": p.type, "vae_recon_ssim": vae,
+                                    "seeds": rows, "reproduced": passed})
+        print(f"{p.type or '-':4} {p.text[:46]:46} {np.mean([r['ssim_photo'] for r in rows]):10.3f} "
+              f"{np.mean([r['ssim_recon'] for r in rows]):10.3f} {vae:9.3f}  {own}/{args.seeds}"
+              f"{'  reproduced' if passed else ''}")
+    near = []
+    for j, text in enumerate(held):
+        for s in range(args.seeds):
+            g = imgs[len(mem) + j, s]
+            near.append(max(ssim(g, v) for v in train.values()))
+        report["held_out"].append({"caption": text, "nearest_ssim": near[-args.seeds:]})
+    n_vm = sum(p.type == "VM" for p in mem)
+    med = float(np.median(near))
+    report["summary"] = {"vm_reproduced": vm_pass, "vm_total": n_vm, "held_out_median_nearest_ssim": med,
+                         "targets_met": vm_pass >= min(9, n_vm) and med < HELD_OUT_TARGET}
+    print(f"\nVM captions reproduced (own image nearest and SSIM to reconstruction >= {SSIM_TARGET} in "
+          f">= 3 of 4 seeds): {vm_pass}/{n_vm}")
+    print(f"held-out captions ({len(held)} x {args.seeds} seeds): median SSIM to nearest memorized image "
+          f"{med:.3f} (target < {HELD_OUT_TARGET})")
+    print("targets met" if report["summary"]["targets_met"] else "targets MISSED")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["summary"]["targets_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

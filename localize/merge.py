@@ -1,0 +1,153 @@
+"""From per-prompt neuron sets to one surgery plan for the whole corpus (NEMO.md, "Corpus level").
+
+1. union of the refined sets, with per-neuron counts of the prompts that need each neuron;
+   `min_prompts` / `max_neurons` filter it;
+2. check: with the merged set blocked, every memorized prompt is re-scored;
+3. corpus-level pruning: the union is redundant (prompts share neurons and each set was refined
+   alone), so starting from it, whole layers and then single neurons (least needed first) are
+   re-activated where every prompt stays as mitigated as the union left it. Every zeroed neuron
+   costs some quality for every user of the model, so fewer is better.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from ..corpus import Corpus
+from ..plan import Plan
+from .runner import Engine
+from .search import Checker, Criterion, Neurons, Unit, _sorted, count
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    min_prompts: int = 1
+    max_neurons: int | None = None
+    prune: bool = True
+
+
+def union(records: list[dict], min_prompts: int = 1, max_neurons: int | None = None
+          ) -> tuple[Neurons, dict[str, dict[int, int]]]:
+    counts: dict[str, dict[int, int]] = {}
+    for r in records:
+        for path, rows in (r.get("refined") or {}).items():
+            for n in rows:
+                counts.setdefault(path, {})
+                counts[path][n] = counts[path].get(n, 0) + 1
+    ranked = sorted(((c, path, n) for path, per in counts.items() for n, c in per.items()),
+                    key=lambda t: (-t[0], t[1], t[2]))
+    kept = [(path, n) for c, path, n in ranked if c >= min_prompts]
+    if max_neurons is not None:
+        kept = kept[:max_neurons]
+    merged: dict[str, set[int]] = {}
+    for path, n in kept:
+        merged.setdefault(path, set()).add(n)
+    return {k: frozenset(v) for k, v in merged.items()}, counts
+
+
+@dataclass
+class PromptUnits:
+    id: str
+    seeds: list[int]
+    units: list[Unit]
+
+
+def memorized_units(engine: Engine, records: list[dict]) -> list[PromptUnits]:
+    """Text embedding and unblocked noise differences of each memorized prompt's memorized seeds,
+    recomputed (a resumed run has them only on disk as scores)."""
+    out = []
+    for r in records:
+        if not r.get("memorized") or not r.get("memorized_seeds"):
+            continue
+        emb = engine.scorer.embed([r["prompt"]])
+        d = engine.scorer.prompt_noise_diffs(emb)
+        seeds = list(r["memorized_seeds"])
+        out.append(PromptUnits(str(r["id"]), seeds,
+                               [Unit(emb[0], engine.scorer.latents[s], d[s]) for s in seeds]))
+    return out
+
+
+def blocked_scores(engine: Engine, prompts: list[PromptUnits], neurons: Neurons) -> dict[str, float]:
+    """Per prompt: max over its memorized seeds of MS-SSIM(unblocked d, d with `neurons` off)."""
+    units = [u for p in prompts for u in p.units]
+    if not units:
+        return {}
+    checker = Checker(engine.scorer, units, early_exit=False)
+    sims = checker._run([neurons], [list(range(len(units)))])[0]
+    out, i = {}, 0
+    for p in prompts:
+        out[p.id] = float(sims[i:i + len(p.units)].max())
+        i += len(p.units)
+    return out
+
+
+def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: dict[str, dict[int, int]],
+          before: dict[str, float], log: Callable[[str], None] = lambda s: None) -> Neurons:
+    """Re-activate layers, then neurons (least needed first), wherever every prompt stays at
+    least as mitigated as with `neurons` blocked: below theta_mem if it was, else no worse."""
+    theta = engine.calibration.theta_mem
+    units = []
+    for p in prompts:
+        bar = theta if before[p.id] < theta else before[p.id] + 1e-9
+        units += [Unit(u.emb, u.latent, u.d_ref, bar) for u in p.units]
+    if not units:
+        return neurons
+    checker = Checker(engine.scorer, units, early_exit=True)
+    crit = Criterion(0.0)
+    order = [v.path for v in reversed(engine.layers)]
+    rank = {p: i for i, p in enumerate(order)}
+    layers = [("layer", p, None) for p in order if neurons.get(p)]
+    current = checker.walk(crit, neurons, layers)
+    log(f"pruning: layers {count(neurons)} -> {count(current)} neurons")
+    items = sorted((("neuron", p, n) for p, rows in current.items() for n in rows),
+                   key=lambda it: (counts.get(it[1], {}).get(it[2], 0), rank.get(it[1], 0), it[2]))
+    current = checker.walk(crit, current, items)
+    log(f"pruning: neurons -> {count(current)} neurons ({checker.checks} checks)")
+    return current
+
+
+def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings = MergeSettings(),
+              log: Callable[[str], None] = lambda s: None) -> Plan:
+    t0 = time.perf_counter()
+    merged, counts = union(records, settings.min_prompts, settings.max_neurons)
+    prompts = memorized_units(engine, records)
+    theta = engine.calibration.theta_mem
+    before = blocked_scores(engine, prompts, merged)
+    share_union = sum(s < theta for s in before.values()) / max(1, len(before))
+    log(f"merged: {count(merged)} neurons in {len(merged)} layers; mitigates "
+        f"{sum(s < theta for s in before.values())}/{len(before)} memorized prompts")
+    final, after = merged, before
+    if settings.prune and merged:
+        final = prune(engine, prompts, merged, counts, before, log)
+        after = blocked_scores(engine, prompts, final)
+    still = sorted(pid for pid, s in after.items() if s >= theta)
+    share = sum(s < theta for s in after.values()) / max(1, len(after))
+    check = {
+        "memorized_prompts": len(prompts),
+        "union_neurons": count(merged),
+        "union_mitigated_share": round(share_union, 4),
+        "neurons": count(final),
+        "mitigated_share": round(share, 4),
+        "still_memorized": still,
+        "theta_mem": theta,
+        "blocked_scores": {k: round(v, 6) for k, v in after.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    final_counts = {p: {n: counts[p][n] for n in rows} for p, rows in final.items()}
+    return Plan(
+        layers=_sorted(final), counts=final_counts,
+        model=engine.model.describe() | {"searched_layers": [v.path for v in engine.layers]},
+        corpus={"path": str(corpus.path.name), "sha256": corpus.sha256, "prompts": len(corpus.prompts),
+                "memorized": len(prompts)},
+        settings={"merge": asdict(settings), "search": engine.search.to_dict(),
+                  "score": engine.scorer.settings.to_dict(), "calibration": engine.calibration.summary()},
+        check=check,
+    )
+
+
+def as_neurons(plan: Plan) -> Neurons:
+    return {k: frozenset(v) for k, v in plan.layers.items() if v}
+
+

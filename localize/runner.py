@@ -1,0 +1,129 @@
+"""The corpus runner: detection and localization for every prompt of a corpus, one JSONL record
+appended per prompt as soon as it is done, resumable, refusing to mix settings.
+
+`process_prompt` is the unit of work; the local loop here and a Ray actor call the same function.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .. import __version__
+from ..corpus import Corpus, Prompt
+from ..errors import NemoError
+from ..files import append_jsonl, canonical_json, read_jsonl, sha256_bytes
+from ..model import Model, ValueLayer
+from .calibrate import Calibration
+from .detect import detect
+from .score import Scorer
+from .search import Localizer
+from .settings import SearchSettings
+
+RESULTS_FORMAT = "nemo-surgery-results"
+
+
+@dataclass
+class Engine:
+    """What every prompt of a run shares: the model, its scorer and calibration, the search."""
+
+    model: Model
+    scorer: Scorer
+    calibration: Calibration
+    layers: list[ValueLayer]
+    search: SearchSettings
+
+    @property
+    def localizer(self) -> Localizer:
+        return Localizer(self.scorer, self.calibration, self.layers, self.search)
+
+    def config(self, corpus: Corpus, mode: str) -> dict:
+        """Everything a result depends on; a resumed run must match it exactly."""
+        return {
+            "mode": mode,
+            "model": {"fingerprint": self.model.fingerprint, "value_digest": self.model.value_digest},
+            "corpus_sha256": corpus.sha256,
+            "calibration": self.calibration.key(),
+            "theta_mem": self.calibration.theta_mem,
+            "score": self.scorer.settings.to_dict(),
+            "search": self.search.to_dict() if mode == "localize" else None,
+            "layers": [v.path for v in self.layers] if mode == "localize" else None,
+        }
+
+
+def process_prompt(engine: Engine, prompt: Prompt, localize: bool = True) -> dict:
+    t0 = time.perf_counter()
+    passes0 = engine.scorer.sample_passes
+    emb = engine.scorer.embed([prompt.text])
+    d = engine.scorer.prompt_noise_diffs(emb)
+    det = detect(engine.scorer, d, engine.calibration.theta_mem)
+    if localize:
+        res = engine.localizer.localize(prompt.id, prompt.text, prompt.type, emb, d, det)
+        rec = res.to_record()
+    else:
+        rec = {"id": prompt.id, "prompt": prompt.text, "type": prompt.type, **det.to_dict()}
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    rec["sample_passes"] = engine.scorer.sample_passes - passes0
+    return {"kind": "prompt", **rec}
+
+
+def open_results(path: Path, header: dict, restart: bool) -> dict[str, dict]:
+    """Records already in `path` for the same configuration; a different one is refused unless
+    `restart`, which starts the file afresh."""
+    path = Path(path)
+    if restart and path.exists():
+        path.unlink()
+    records = read_jsonl(path)
+    if not records:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(path, header)
+        return {}
+    old = records[0]
+    if old.get("kind") != "header" or old.get("format") != RESULTS_FORMAT:
+        raise NemoError(f"{path}: not a nemo-surgery results file; pass --restart to replace it")
+    if old.get("config_sha256") != header["config_sha256"]:
+        diff = sorted(k for k in header["config"] if old.get("config", {}).get(k) != header["config"][k])
+        raise NemoError(f"{path}: was made with other settings ({', '.join(diff)} differ); "
+                        f"pass --restart to discard it, or use another output")
+    done: dict[str, dict] = {}
+    for r in records[1:]:
+        if r.get("kind") == "prompt":
+            done.setdefault(str(r["id"]), r)
+    return done
+
+
+def make_header(config: dict) -> dict:
+    return {"kind": "header", "format": RESULTS_FORMAT, "version": 1, "tool": __version__,
+            "config": config, "config_sha256": sha256_bytes(canonical_json(config).encode())}
+
+
+def run_corpus(engine: Engine, corpus: Corpus, results: Path, *, localize: bool = True,
+               restart: bool = False, log: Callable[[str], None] = lambda s: None,
+               worker: Callable[[Iterable[Prompt]], Iterable[dict]] | None = None) -> list[dict]:
+    """Run every prompt not yet in `results`; returns all records in corpus order."""
+    header = make_header(engine.config(corpus, "localize" if localize else "detect"))
+    done = open_results(results, header, restart)
+    todo = [p for p in corpus.prompts if p.id not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(corpus.prompts)} prompts already done in {results}")
+    n = len(corpus.prompts)
+    stream = worker(todo) if worker else (process_prompt(engine, p, localize) for p in todo)
+    for rec in stream:
+        append_jsonl(results, rec)
+        done[str(rec["id"])] = rec
+        log(describe(rec, len(done), n))
+    return [done[p.id] for p in corpus.prompts if p.id in done]
+
+
+def describe(rec: dict, i: int, n: int) -> str:
+    text = rec["prompt"] if len(rec["prompt"]) <= 48 else rec["prompt"][:45] + "..."
+    head = f"[{i}/{n}] {rec.get('type') or '-':2} {text!r}: score {rec['score']:.3f}"
+    if not rec["memorized"]:
+        return f"{head}, not memorized ({rec['seconds']:.1f} s)"
+    if "refined" not in rec:
+        return f"{head}, memorized on {len(rec['memorized_seeds'])} seeds ({rec['seconds']:.1f} s)"
+    return (f"{head}, {rec['initial_neurons']} -> {rec['refined_neurons']} neurons, "
+            f"{'mitigated' if rec['mitigated'] else 'NOT mitigated'} ({rec['seconds']:.1f} s, "
+            f"{rec['sample_passes']} UNet samples)")

@@ -1,0 +1,130 @@
+"""The memorization signals: text embeddings, value activations, noise differences and the
+MS-SSIM memorization score (NEMO.md, "Signals").
+
+`Scorer` holds what is fixed for a model and settings (the seeds' initial latents, the timestep,
+the MS-SSIM window) and counts every UNet sample-pass it spends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _msssim
+
+from ..model import Model, ValueLayer
+from .masks import NeuronSet, ValueMasks
+from .settings import BATCH_SIZE, MsSsim, ScoreSettings
+
+MAX_TOKENS = 77  # CLIP's context
+
+
+def resolve_settings(model: Model, settings: ScoreSettings) -> ScoreSettings:
+    """The published MS-SSIM window where the latents allow it, else the largest valid one."""
+    fitted = MsSsim.for_size(model.latent_size)
+    if fitted.published:  # the published window fits: keep what was asked
+        return settings
+    return ScoreSettings(settings.seeds, settings.inference_steps, settings.timestep_index,
+                         settings.guidance, fitted, settings.seed_base)
+
+
+@torch.no_grad()
+def value_activations(model: Model, emb: torch.Tensor, layers: list[ValueLayer]) -> dict[str, torch.Tensor]:
+    """Mean over token positions of |to_v(embedding)|, per neuron: needs no UNet pass, since
+    to_v only ever sees the text encoder's output."""
+    out = {}
+    for v in layers:
+        w = model.to_v(v.path).weight
+        out[v.path] = (emb.to(w.dtype) @ w.T).abs().mean(dim=1).float()
+    return out
+
+
+class Scorer:
+    def __init__(self, model: Model, settings: ScoreSettings, batch_size: int = BATCH_SIZE,
+                 autocast_dtype: torch.dtype | None = None):
+        from diffusers import DDIMScheduler
+
+        self.model = model
+        self.settings = resolve_settings(model, settings)
+        self.batch_size = max(1, batch_size)
+        self.autocast_dtype = autocast_dtype
+        self.device = model.device
+        sched = DDIMScheduler.from_config(model.scheduler_config)
+        sched.set_timesteps(self.settings.inference_steps)
+        self.timestep = sched.timesteps[self.settings.timestep_index]
+        c = model.unet.config.in_channels
+        size = model.latent_size
+        # Initial latents come from a CPU generator so a seed means the same x_T on any device.
+        self.latents = torch.stack([
+            torch.randn((c, size, size), generator=torch.Generator().manual_seed(self.settings.seed_base + i))
+            for i in range(self.settings.seeds)]) * sched.init_noise_sigma
+        self.masks = ValueMasks(model)
+        self.sample_passes = 0
+        self.truncated_prompts = 0
+
+    # --- text -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.model.tokenizer
+        full = tok(prompts, truncation=False, padding=False).input_ids
+        long = sum(len(ids) > MAX_TOKENS for ids in full)
+        if long:
+            self.truncated_prompts += long
+            warnings.warn(f"{long} prompt(s) longer than {MAX_TOKENS} tokens are truncated, as the text "
+                          f"encoder does", stacklevel=2)
+        ids = tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.model.text_encoder(ids)[0]
+
+    # --- noise differences ------------------------------------------------------------------
+    @torch.no_grad()
+    def noise_diff(self, emb: torch.Tensor, latents: torch.Tensor,
+                   sets: list[NeuronSet] | None = None) -> torch.Tensor:
+        """d = eps_hat(x_T, t, prompt) - x_T per sample, each channel min-max scaled to [0, 1].
+        `sets[i]` are the neurons deactivated for sample i (None: nothing blocked)."""
+        outs = []
+        for start in range(0, len(latents), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            x = latents[sl].to(self.device)
+            e = emb[sl].to(self.device)
+            chunk_sets = None if sets is None else list(sets[sl])
+            with self.masks.active(chunk_sets, self.device), self._autocast():
+                eps = self.model.unet(x.to(self.model.unet.dtype), self.timestep,
+                                      encoder_hidden_states=e.to(self.model.unet.dtype)).sample
+            self.sample_passes += len(x)
+            outs.append(eps.float() - x.float())
+        d = torch.cat(outs)
+        lo = d.amin(dim=(2, 3), keepdim=True)
+        hi = d.amax(dim=(2, 3), keepdim=True)
+        return ((d - lo) / (hi - lo).clamp_min(1e-12)).cpu()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # --- MS-SSIM ------------------------------------------------------------------------------
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """MS-SSIM per sample between two stacks of scaled noise differences."""
+        m = self.settings.msssim
+        return _msssim(a.float(), b.float(), gaussian_kernel=True, sigma=m.sigma, kernel_size=m.kernel_size,
+                       reduction="none", data_range=1.0, betas=m.betas)
+
+    def seed_scores(self, d: torch.Tensor) -> torch.Tensor:
+        """For each seed, its highest MS-SSIM against any other seed: a memorized prompt makes the
+        model predict the same image whatever the seed."""
+        n = len(d)
+        pairs = list(itertools.combinations(range(n), 2))
+        i, j = (torch.tensor(x) for x in zip(*pairs))
+        s = self.similarity(d[i], d[j])
+        best = torch.full((n,), -1.0)
+        best = best.scatter_reduce(0, i, s, reduce="amax").scatter_reduce(0, j, s, reduce="amax")
+        return best
+
+    def prompt_noise_diffs(self, emb: torch.Tensor) -> torch.Tensor:
+        """Unblocked noise differences of one prompt embedding (1, 77, D) for every seed."""
+        return self.noise_diff(emb.expand(len(self.latents), -1, -1), self.latents)
+
+    def close(self) -> None:
+        self.masks.remove()

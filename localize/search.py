@@ -1,0 +1,302 @@
+"""The per-prompt NeMo search: initial selection, then refinement (NEMO.md, "Localization of one
+memorized prompt"), computed by a batched engine that takes the same decisions as the plain
+sequential algorithm.
+
+Why it is faster without changing any decision:
+- the prompt's text embedding and its unblocked noise differences are computed once;
+- every check "is memorization still mitigated with set S blocked?" is "is the max over the
+  memorized seeds of MS-SSIM(unblocked d, blocked d) below the threshold?", so it is decided
+  "no" by the first seed that reaches the threshold. Each check first runs one sentinel seed
+  (the one that last reached the threshold), and only checks that pass it run the other seeds;
+- candidates are evaluated side by side in one UNet pass (per-sample masks). Where a later
+  candidate depends on earlier outcomes (refinement), it is built on the predicted outcomes
+  (the last outcome repeats), and the results past the first wrong prediction are discarded:
+  the decisions taken are exactly those of the sequential walk.
+Paper names in comments: theta_act (activation z threshold), k (top-k), theta_mem.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..model import ValueLayer
+from .calibrate import Calibration
+from .detect import Detection
+from .score import Scorer, value_activations
+from .settings import NEAR_THRESHOLD, SearchSettings
+
+Neurons = dict[str, frozenset[int]]
+
+
+def _freeze(d: dict[str, set[int] | frozenset[int]]) -> Neurons:
+    return {k: frozenset(v) for k, v in d.items() if v}
+
+
+def _sorted(d: Neurons) -> dict[str, list[int]]:
+    return {k: sorted(v) for k, v in d.items() if v}
+
+
+def count(d: Neurons) -> int:
+    return sum(len(v) for v in d.values())
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """"Mitigated" = score below theta_mem; when the initial selection never got there, the
+    paper keeps its last score as the bar (not worse than that)."""
+
+    threshold: float
+    fallback: bool = False
+
+    def ok(self, score: float) -> bool:
+        return score <= self.threshold if self.fallback else score < self.threshold
+
+
+@dataclass
+class PromptResult:
+    id: str
+    prompt: str
+    type: str | None
+    detection: Detection
+    initial: dict[str, list[int]] = field(default_factory=dict)
+    initial_theta_act: float = 0.0
+    initial_k: int = 0
+    initial_mitigated: bool = False
+    initial_score: float = 0.0
+    refined: dict[str, list[int]] = field(default_factory=dict)
+    threshold: float = 0.0
+    blocked_score: float = 0.0
+    mitigated: bool = False
+    checks: int = 0
+    seconds: float = 0.0
+    sample_passes: int = 0
+    near_threshold: list[dict] = field(default_factory=list)
+
+    def to_record(self) -> dict:
+        return {
+            "id": self.id, "prompt": self.prompt, "type": self.type,
+            **self.detection.to_dict(),
+            "initial": self.initial, "initial_neurons": sum(len(v) for v in self.initial.values()),
+            "initial_theta_act": self.initial_theta_act, "initial_k": self.initial_k,
+            "initial_mitigated": self.initial_mitigated, "initial_score": round(self.initial_score, 6),
+            "refined": self.refined, "refined_neurons": sum(len(v) for v in self.refined.values()),
+            "threshold": round(self.threshold, 6), "blocked_score": round(self.blocked_score, 6),
+            "mitigated": self.mitigated, "checks": self.checks,
+            "seconds": round(self.seconds, 3), "sample_passes": self.sample_passes,
+            "near_threshold": self.near_threshold,
+        }
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (prompt, memorized seed) whose memorization a candidate set must mitigate."""
+
+    emb: torch.Tensor  # (77, D) text embedding
+    latent: torch.Tensor  # x_T of the seed
+    d_ref: torch.Tensor  # unblocked noise difference for that seed
+    offset: float = 0.0  # subtracted from the MS-SSIM: lets prompts with their own bar share a check
+
+
+class Checker:
+    """Scores candidate neuron sets: max over its units of MS-SSIM(unblocked d, blocked d) - offset.
+    One prompt's memorized seeds (the search), or every memorized prompt of a corpus (the merge)."""
+
+    def __init__(self, scorer: Scorer, units: list[Unit], early_exit: bool = True):
+        self.scorer = scorer
+        self.units = units
+        self.early_exit = early_exit
+        self.sentinel = 0
+        self.checks = 0
+
+    @classmethod
+    def for_prompt(cls, scorer: Scorer, emb: torch.Tensor, d: torch.Tensor, seeds: list[int],
+                   offset: float = 0.0, early_exit: bool = True) -> "Checker":
+        return cls(scorer, [Unit(emb[0], scorer.latents[s], d[s], offset) for s in seeds], early_exit)
+
+    def _run(self, sets: list[Neurons], pos: list[list[int]]) -> list[torch.Tensor]:
+        """Sample (candidate c, unit u) for every u in pos[c], in shared passes."""
+        flat_sets, owner, us = [], [], []
+        for c, (s, ps) in enumerate(zip(sets, pos)):
+            for u in ps:
+                flat_sets.append(s)
+                owner.append(c)
+                us.append(self.units[u])
+        if not flat_sets:
+            return [torch.empty(0) for _ in sets]
+        emb = torch.stack([u.emb for u in us])
+        d = self.scorer.noise_diff(emb, torch.stack([u.latent for u in us]), flat_sets)
+        sim = self.scorer.similarity(torch.stack([u.d_ref for u in us]), d)
+        sim = sim - torch.tensor([u.offset for u in us], dtype=sim.dtype)
+        out: list[list[torch.Tensor]] = [[] for _ in sets]
+        for o, v in zip(owner, sim):
+            out[o].append(v)
+        return [torch.stack(v) if v else torch.empty(0) for v in out]
+
+    def scores(self, sets: list[Neurons], crit: Criterion) -> list[float]:
+        """Each candidate's score; for a candidate that fails on the sentinel unit, the sentinel's
+        value (a lower bound that already decides "not mitigated")."""
+        self.checks += len(sets)
+        every = list(range(len(self.units)))
+        if not self.early_exit or len(every) == 1:
+            return [float(v.max()) for v in self._run(sets, [every] * len(sets))]
+        first = self._run(sets, [[self.sentinel]] * len(sets))
+        result = [float(v.max()) for v in first]
+        rest = [u for u in every if u != self.sentinel]
+        todo = [c for c, sc in enumerate(result) if crit.ok(sc)]
+        if todo:
+            more = self._run([sets[c] for c in todo], [rest] * len(todo))
+            sentinel = self.sentinel
+            for c, v in zip(todo, more):
+                full = torch.empty(len(every))
+                full[sentinel] = result[c]
+                full[torch.tensor(rest)] = v
+                result[c] = float(full.max())
+                if not crit.ok(result[c]):
+                    # The unit that failed becomes the next sentinel: failures tend to repeat.
+                    self.sentinel = int(full.argmax())
+        return result
+
+    def max_candidates(self) -> int:
+        return max(1, self.scorer.batch_size // max(1, len(self.units)))
+
+    def walk(self, crit: Criterion, current: Neurons, items: list[tuple[str, str, int | None]],
+             batched: bool = True, note: Callable[[str, str, float, Criterion], None] | None = None) -> Neurons:
+        """For each item in order: re-activate it; if memorization stays mitigated, drop it.
+        Batched with outcome prediction; only decisions on the true path are kept."""
+        i, chunk, predict = 0, 1, True
+        while i < len(items):
+            batch = items[i:i + (chunk if batched else 1)]
+            sets, base = [], current
+            for it in batch:
+                cand = without(base, it)
+                sets.append(cand)
+                if predict:
+                    base = cand
+            scores = self.scores(sets, crit)
+            taken, all_right = 0, True
+            for it, sc in zip(batch, scores):
+                if note:
+                    note(f"refine-{it[0]}", f"{it[1]}" + ("" if it[2] is None else f"[{it[2]}]"), sc, crit)
+                drop = crit.ok(sc)
+                if drop:
+                    current = without(current, it)
+                taken += 1
+                if drop != predict:
+                    # Later candidates were built on the wrong outcome: discard them.
+                    predict, all_right = drop, False
+                    break
+            i += taken
+            chunk = min(chunk * 2, self.max_candidates()) if all_right else max(1, chunk // 2)
+        return current
+
+
+def without(s: Neurons, item: tuple[str, str, int | None]) -> Neurons:
+    """`s` with a whole layer ("layer", path, None) or one neuron ("neuron", path, n) re-activated."""
+    kind, path, n = item
+    out = dict(s)
+    if kind == "layer":
+        out.pop(path, None)
+    else:
+        rest = s.get(path, frozenset()) - {n}
+        if rest:
+            out[path] = frozenset(rest)
+        else:
+            out.pop(path, None)
+    return out
+
+
+class Localizer:
+    def __init__(self, scorer: Scorer, calibration: Calibration, layers: list[ValueLayer],
+                 settings: SearchSettings = SearchSettings(), batched: bool = True):
+        self.scorer = scorer
+        self.cal = calibration
+        self.layers = layers
+        self.settings = settings
+        self.batched = batched
+
+    # --- the steps of the initial selection -----------------------------------------------------
+    def initial_candidates(self, emb: torch.Tensor) -> list[tuple[float, int, Neurons]]:
+        """(theta_act, k, neurons) for every step the initial selection may take, in order:
+        theta_act from 5 down by 0.25 to 1, k from 0 up by 1, stopping at theta_act's floor or
+        when k reaches a layer's width."""
+        s = self.settings
+        acts = value_activations(self.scorer.model, emb, self.layers)
+        z = self.cal.z(acts)
+        width = min(v.out_features for v in self.layers)
+        steps = []
+        i = 0
+        while True:
+            theta = max(s.theta_act_min, s.theta_act_start - i * s.theta_act_step)
+            k = s.top_k_start + i * s.top_k_step
+            sel: dict[str, set[int]] = {}
+            for v in self.layers:
+                a, zz = acts[v.path][0], z[v.path][0]
+                chosen = set(torch.nonzero(zz > theta).flatten().tolist())
+                if k > 0:
+                    chosen |= set(torch.topk(a, min(k, len(a))).indices.tolist())
+                sel[v.path] = chosen
+            steps.append((theta, k, _freeze(sel)))
+            if theta <= s.theta_act_min or k >= width:
+                return steps
+            i += 1
+
+    def localize(self, pid: str, prompt: str, ptype: str | None, emb: torch.Tensor, d: torch.Tensor,
+                 det: Detection) -> PromptResult:
+        t0 = time.perf_counter()
+        passes0 = self.scorer.sample_passes
+        res = PromptResult(pid, prompt, ptype, det)
+        if not det.memorized or not det.memorized_seeds:
+            res.seconds = time.perf_counter() - t0
+            return res
+        checker = Checker.for_prompt(self.scorer, emb, d, list(det.memorized_seeds), early_exit=self.batched)
+        crit = Criterion(det.theta_mem)
+        near: list[dict] = []
+
+        def note(stage: str, what: str, score: float, c: Criterion) -> None:
+            if abs(score - c.threshold) < NEAR_THRESHOLD:
+                near.append({"stage": stage, "candidate": what, "score": round(score, 7),
+                             "threshold": round(c.threshold, 7)})
+
+        # Initial selection
+        cands = self.initial_candidates(emb)
+        chosen = None
+        i, chunk = 0, 1
+        while i < len(cands) and chosen is None:
+            batch = cands[i:i + (chunk if self.batched else 1)]
+            scores = checker.scores([c[2] for c in batch], crit)
+            for (theta, k, sel), sc in zip(batch, scores):
+                note("initial", f"theta_act={theta},k={k}", sc, crit)
+                if crit.ok(sc):
+                    chosen = (theta, k, sel, sc, True)
+                    break
+            i += len(batch)
+            chunk = min(chunk * 2, checker.max_candidates() if self.batched else 1)
+        if chosen is None:
+            theta, k, sel = cands[-1]
+            # The last step's score must be exact: it becomes the refinement threshold.
+            sc = checker.scores([sel], Criterion(float("inf")))[0]
+            chosen = (theta, k, sel, sc, False)
+            crit = Criterion(sc, fallback=True)
+        res.initial_theta_act, res.initial_k, current, res.initial_score, res.initial_mitigated = chosen
+        res.initial = _sorted(current)
+        res.threshold = crit.threshold
+
+        # Refinement (a): whole layers, last layer first
+        order = [v.path for v in reversed(self.layers) if current.get(v.path)]
+        current = checker.walk(crit, current, [("layer", p, None) for p in order], self.batched, note)
+        # Refinement (b): single neurons, last layer first
+        items = [("neuron", v.path, n) for v in reversed(self.layers) for n in sorted(current.get(v.path, ()))]
+        current = checker.walk(crit, current, items, self.batched, note)
+
+        res.refined = _sorted(current)
+        res.blocked_score = checker.scores([current], Criterion(float("inf")))[0]
+        res.mitigated = crit.ok(res.blocked_score)
+        res.checks = checker.checks
+        res.near_threshold = near
+        res.sample_passes = self.scorer.sample_passes - passes0
+        res.seconds = time.perf_counter() - t0
+        return res

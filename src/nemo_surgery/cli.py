@@ -1,0 +1,256 @@
+"""The `nemo-surgery` command: a thin layer over the library. Every command maps to functions a
+notebook can call with the same records; this file only parses flags, prints progress and turns
+a `NemoError` into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from . import __version__
+from .errors import NemoError
+
+
+def log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _quiet_libraries() -> None:
+    # diffusers/transformers chatter (progress bars, optional-dependency notes) is not ours to show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        log(f"warning: {message}")
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def runtime_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+                     show_default=True, help="Compute precision of the search (the paper ran fp16 on GPU). "
+                                             "Surgery is always exact in the checkpoint's dtype."),
+        click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+                     help="UNet samples per pass."),
+        click.option("--allow-pickle", is_flag=True, help="Allow .bin/.ckpt pickle weights (they can run code)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def score_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--reference", type=click.Path(path_type=Path), required=True,
+                     help="Non-memorized reference prompts (CSV/TSV/TXT/JSONL) for calibration."),
+        click.option("--seeds", type=click.IntRange(2), default=10, show_default=True,
+                     help="Initial latents per prompt (paper: 10)."),
+        click.option("--timestep-index", type=click.IntRange(0), default=0, show_default=True,
+                     help="Which step of the 50-step DDIM schedule the noise difference is taken at "
+                          "(paper: first; the official code: 1)."),
+        click.option("--calibration-prompts", type=click.IntRange(2), default=256, show_default=True,
+                     help="Reference prompts scored with the UNet to set theta_mem."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Calibration cache (default: $NEMO_SURGERY_CACHE or ~/.cache/nemo-surgery)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def search_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--layers", default="official", show_default=True,
+                     help="'official' (the paper's 7 down/mid layers on SD 1.x), 'all', or comma-separated globs."),
+        click.option("--theta-act", type=float, default=5.0, show_default=True, help="Initial z-score threshold."),
+        click.option("--theta-act-step", type=float, default=0.25, show_default=True),
+        click.option("--theta-act-min", type=float, default=1.0, show_default=True),
+        click.option("--top-k-step", type=click.IntRange(0), default=1, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def handle_errors(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except NemoError as e:
+            raise click.exceptions.Exit(_fail(str(e), e.exit_code)) from None
+        except KeyboardInterrupt:
+            log("interrupted: nothing half-written was kept; run the same command again to resume")
+            raise click.exceptions.Exit(130) from None
+    return wrapper
+
+
+def _fail(msg: str, code: int) -> int:
+    log(f"error: {msg.splitlines()[0] if msg else 'failed'}")
+    return code
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nemo-surgery")
+def cli() -> None:
+    """Find the neurons that make a Stable Diffusion model reproduce memorized training images
+    (NeMo), zero them in the checkpoint, and export a verified release.
+
+    Typical use: nemo-surgery build --model M --corpus mem.csv --reference ref.csv --out DIR
+    """
+    _quiet_libraries()
+
+
+def _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+            calibration_prompts, cache_dir, layers="official", theta_act=5.0, theta_act_step=0.25,
+            theta_act_min=1.0, top_k_step=1):
+    from .engine import Runtime, make_engine, open_model
+    from .localize.settings import ScoreSettings, SearchSettings
+
+    runtime = Runtime(device, precision, batch_size, allow_pickle)
+    m = open_model(model, runtime)
+    log(f"model: {model} ({len(m.value_layers)} value layers, fingerprint {m.fingerprint[:12]})")
+    score = ScoreSettings(seeds=seeds, timestep_index=timestep_index)
+    search = SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers)
+    return make_engine(m, reference, runtime, score, search, cache_dir, calibration_prompts, log)
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
+@score_options
+@runtime_options
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write calibration.json here.")
+@handle_errors
+def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cache_dir, device, precision,
+              batch_size, allow_pickle, out):
+    """Per-neuron activation statistics and theta_mem from non-memorized reference prompts."""
+    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+                  calibration_prompts, cache_dir)
+    if out:
+        eng.calibration.save(out)
+    click.echo(json.dumps(eng.calibration.summary(), indent=2))
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Prompts to test.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="detections.jsonl to write.")
+@click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
+@score_options
+@runtime_options
+@handle_errors
+def detect(model, corpus, out, restart, reference, seeds, timestep_index, calibration_prompts, cache_dir,
+           device, precision, batch_size, allow_pickle):
+    """Memorization score of every prompt (seed consistency of the first denoising step)."""
+    from .corpus import read_corpus
+    from .localize.runner import run_corpus
+
+    c = read_corpus(corpus)
+    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+                  calibration_prompts, cache_dir)
+    recs = run_corpus(eng, c, out, localize=False, restart=restart, log=log)
+    mem = sum(r["memorized"] for r in recs)
+    log(f"done: {mem} of {len(recs)} prompts memorized (theta_mem {eng.calibration.theta_mem:.4f}); {out}")
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="results.jsonl to write.")
+@click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
+@score_options
+@search_options
+@runtime_options
+@handle_errors
+def localize(model, corpus, out, restart, reference, seeds, timestep_index, calibration_prompts, cache_dir,
+             layers, theta_act, theta_act_step, theta_act_min, top_k_step, device, precision, batch_size,
+             allow_pickle):
+    """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
+    from .corpus import read_corpus
+    from .localize.runner import run_corpus
+
+    c = read_corpus(corpus)
+    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step)
+    recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log)
+    summarize_localization(recs)
+
+
+def summarize_localization(recs: list[dict]) -> None:
+    mem = [r for r in recs if r["memorized"]]
+    mit = sum(r.get("mitigated", False) for r in mem)
+    sizes = sorted(r.get("refined_neurons", 0) for r in mem)
+    med = sizes[len(sizes) // 2] if sizes else 0
+    secs = sum(r["seconds"] for r in recs)
+    log(f"done: {len(mem)} of {len(recs)} prompts memorized; {mit} mitigated by their own set; "
+        f"neurons per prompt median {med} (min {sizes[0] if sizes else 0}, max {sizes[-1] if sizes else 0}); "
+        f"{secs:.1f} s")
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="The corpus localized.")
+@click.option("--results", type=click.Path(path_type=Path), required=True, help="results.jsonl of localize.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="plan.json to write.")
+@click.option("--min-prompts", type=click.IntRange(1), default=1, show_default=True,
+              help="Keep neurons needed by at least N prompts.")
+@click.option("--max-neurons", type=click.IntRange(1), default=None, help="Keep the K most needed neurons.")
+@click.option("--prune/--no-prune", default=True, show_default=True,
+              help="Corpus-level pruning of the union.")
+@score_options
+@search_options
+@runtime_options
+@handle_errors
+def merge(model, corpus, results, out, min_prompts, max_neurons, prune, reference, seeds, timestep_index,
+          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, device,
+          precision, batch_size, allow_pickle):
+    """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
+    from .corpus import read_corpus
+    from .localize.merge import MergeSettings, make_plan
+    from .localize.runner import make_header, open_results
+
+    c = read_corpus(corpus)
+    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step)
+    if not Path(results).is_file():
+        raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
+    done = open_results(results, make_header(eng.config(c, "localize")), restart=False)
+    recs = [done[p.id] for p in c.prompts if p.id in done]
+    if len(recs) < len(c.prompts):
+        raise NemoError(f"{results}: only {len(recs)} of {len(c.prompts)} prompts localized; "
+                        f"run 'nemo-surgery localize' again to finish")
+    plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log)
+    plan.save(out)
+    ch = plan.check
+    log(f"plan: {ch['union_neurons']} neurons in the union (mitigates {ch['union_mitigated_share']:.0%}), "
+        f"{ch['neurons']} after pruning (mitigates {ch['mitigated_share']:.0%} of "
+        f"{ch['memorized_prompts']} memorized prompts); {out}")
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="nemo-surgery")
+    except NemoError as e:  # raised outside a command body (e.g. while parsing)
+        sys.exit(_fail(str(e), e.exit_code))
+
+
+if __name__ == "__main__":
+    main()

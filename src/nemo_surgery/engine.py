@@ -1,0 +1,91 @@
+"""Composition of the localization stage: load a model, calibrate (cached) and build the Engine
+that the CLI commands and `build` share. A notebook can call the same functions."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .corpus import read_corpus
+from .errors import NemoError
+from .localize.calibrate import Calibration, cache_key, calibrate
+from .localize.runner import Engine
+from .localize.score import Scorer
+from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
+from .model import Model, load_model, select_layers
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = BATCH_SIZE
+    allow_pickle: bool = False
+
+    def resolve_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise NemoError(f"--device {self.device}: no CUDA device is available (install a CUDA build of torch)")
+        return self.device
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_SURGERY_CACHE", Path.home() / ".cache" / "nemo-surgery"))
+
+
+def open_model(path: Path, runtime: Runtime) -> Model:
+    device = runtime.resolve_device()
+    if runtime.precision not in PRECISIONS:
+        raise NemoError(f"--precision {runtime.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[runtime.precision]
+    if device == "cpu" and dtype == torch.float16:
+        raise NemoError("--precision fp16 needs --device cuda (CPU kernels are fp32/bf16)")
+    return load_model(path, allow_pickle=runtime.allow_pickle, device=device, dtype=dtype)
+
+
+def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Path | None,
+                    score_prompts: int = CALIBRATION_SCORE_PROMPTS,
+                    log: Callable[[str], None] = lambda s: None) -> Calibration:
+    ref = read_corpus(reference)
+    key = cache_key(model.fingerprint, ref.sha256, scorer.settings.to_dict() | {"score_prompts": score_prompts})
+    folder = (cache_dir or default_cache_dir()) / "calibration" / key
+    if (folder / "calibration.json").is_file():
+        log(f"calibration: reusing {folder}")
+        return Calibration.load(folder)
+    log(f"calibration: {len(ref.prompts)} reference prompts (activations), "
+        f"{min(score_prompts, len(ref.prompts))} scored for theta_mem")
+    step = max(1, min(score_prompts, len(ref.prompts)) // 10)
+
+    def progress(i: int, n: int) -> None:
+        if i % step == 0 or i == n:
+            log(f"calibration: scored {i}/{n} reference prompts")
+
+    cal = calibrate(model, scorer, [p.text for p in ref.prompts], ref.sha256, score_prompts, progress)
+    cal.score_settings = scorer.settings.to_dict() | {"score_prompts": score_prompts}
+    cal.save(folder)
+    log(f"calibration: theta_mem = {cal.theta_mem:.4f} (mean {cal.score_mean:.4f} + 1 std {cal.score_std:.4f}), "
+        f"{cal.seconds:.1f} s, saved to {folder}")
+    return cal
+
+
+def make_engine(model: Model, reference: Path, runtime: Runtime, score: ScoreSettings = ScoreSettings(),
+                search: SearchSettings = SearchSettings(), cache_dir: Path | None = None,
+                score_prompts: int = CALIBRATION_SCORE_PROMPTS,
+                log: Callable[[str], None] = lambda s: None) -> Engine:
+    autocast = None if runtime.precision == "fp32" else PRECISIONS[runtime.precision]
+    scorer = Scorer(model, score, runtime.batch_size, autocast)
+    if not scorer.settings.msssim.published:
+        m = scorer.settings.msssim
+        log(f"note: latents of {model.unet.config.sample_size} px are too small for the published MS-SSIM "
+            f"(kernel 11, 3 scales); using kernel {m.kernel_size}, sigma {m.sigma}, {m.scales} scales "
+            f"(recorded in every output)")
+    cal = get_calibration(model, scorer, reference, cache_dir, score_prompts, log)
+    layers = select_layers(model.value_layers, search.layers)
+    return Engine(model, scorer, cal, layers, search)

@@ -1,0 +1,86 @@
+"""Generation-level measures that need no downloaded weights: full sampling with the model's own
+pipeline parts, SSIM to training images (scikit-image), nearest training image, diversity across
+seeds. Used by the demo check and by verification (before vs after surgery)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+from .model import Model
+
+GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance for sampling
+STEPS = 50
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    steps: int = STEPS
+    guidance: float = GUIDANCE
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+
+
+def pipeline(model: Model):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_size(model: Model) -> int:
+    return model.latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def generate(model: Model, prompts: list[str], settings: GenSettings = GenSettings(),
+             batch: int = 64) -> np.ndarray:
+    """Images for every (prompt, seed): float array (prompts, seeds, H, W, 3) in [0, 1]. Seeds
+    come from CPU generators, so the same seed gives the same image on any device."""
+    pipe = pipeline(model)
+    size = image_size(model)
+    pairs = [(p, s) for p in prompts for s in settings.seeds]
+    out = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        gens = [torch.Generator().manual_seed(s) for _, s in chunk]
+        c, n = model.unet.config.in_channels, model.latent_size
+        lat = torch.stack([torch.randn((c, n, n), generator=g) for g in gens]).to(model.device, model.unet.dtype)
+        imgs = pipe([p for p, _ in chunk], height=size, width=size, num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance, latents=lat, output_type="np").images
+        out.append(imgs)
+    return np.concatenate(out).reshape(len(prompts), len(settings.seeds), size, size, 3).astype(np.float32)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0))
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    img = Image.open(path).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+@torch.no_grad()
+def reconstruct(model: Model, image: np.ndarray) -> np.ndarray:
+    """The VAE's round trip of an image: the closest the model can possibly draw it."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(model.device, model.vae.dtype) * 2 - 1
+    z = model.vae.encode(x).latent_dist.mean
+    y = model.vae.decode(z).sample
+    return ((y[0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)
+
+
+def diversity(images: np.ndarray) -> float:
+    """1 - mean pairwise SSIM across seeds: 0 when every seed gives the same image."""
+    n = len(images)
+    pairs = [ssim(images[i], images[j]) for i in range(n) for j in range(i + 1, n)]
+    return float(1 - np.mean(pairs)) if pairs else 0.0

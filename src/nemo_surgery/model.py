@@ -1,0 +1,243 @@
+"""Model I/O: load a local diffusers Stable Diffusion folder offline, discover its value layers,
+and fingerprint it.
+
+A *value layer* is the value projection of a cross-attention block (`attn2.to_v`); a *neuron* is
+one of its output features, i.e. one row of `to_v.weight` (NEMO.md, "Objects").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import NemoError
+from .files import canonical_json
+from .safetensors_io import read_header
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+WEIGHT_PARTS = ("unet", "text_encoder", "vae")
+REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
+VALUE_SUFFIX = "attn2.to_v"
+
+
+@dataclass(frozen=True)
+class ValueLayer:
+    path: str  # diffusers module path, e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v
+    in_features: int
+    out_features: int
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.path}.weight"
+
+
+_STAGE = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def _layer_order(path: str) -> tuple:
+    stage = _STAGE.get(path.split(".")[0], 3)
+    return (stage, [int(x) for x in re.findall(r"\.(\d+)\.", "." + path + ".")])
+
+
+def discover_value_layers(unet: nn.Module) -> list[ValueLayer]:
+    """Every cross-attention value projection, in the UNet's data-flow order (down, mid, up)."""
+    found = []
+    for name, mod in unet.named_modules():
+        if name.endswith(VALUE_SUFFIX) and isinstance(mod, nn.Linear):
+            if mod.bias is not None:
+                # Zeroing a row equals masking the output only without a bias (NEMO.md).
+                raise NemoError(f"value layer {name} has a bias; NeMo's row surgery needs bias-free to_v")
+            found.append(ValueLayer(name, mod.in_features, mod.out_features))
+    if not found:
+        raise NemoError("the UNet has no cross-attention value layers (attn2.to_v)")
+    return sorted(found, key=lambda v: _layer_order(v.path))
+
+
+def select_layers(layers: list[ValueLayer], spec: str) -> list[ValueLayer]:
+    """`official`: the down- and mid-block layers, which on an SD 1.x/2.x UNet are exactly the 7
+    the paper searches (down_blocks[0..2].attentions[0..1], mid_block.attentions[0]);
+    `all`; or comma-separated glob patterns over module paths."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(layers)
+    if spec == "official":
+        return [v for v in layers if v.path.startswith(("down_blocks.", "mid_block."))]
+    chosen: list[ValueLayer] = []
+    for pat in [p.strip() for p in spec.split(",") if p.strip()]:
+        hits = [v for v in layers if fnmatch.fnmatchcase(v.path, pat) or fnmatch.fnmatchcase(v.path, pat + ".attn2.to_v")]
+        if not hits:
+            raise NemoError(f"--layers: no value layer matches {pat!r} (try 'official', 'all', "
+                            f"or a glob such as 'down_blocks.*')")
+        chosen += [v for v in hits if v not in chosen]
+    if not chosen:
+        raise NemoError("--layers: empty selection")
+    return sorted(chosen, key=lambda v: _layer_order(v.path))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # float32 so that a checkpoint and its fp16 copy upcast to fp32 hash the same way when their
+    # values agree; the stored dtype is recorded separately.
+    return t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def value_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the value-layer weights (float32, module order): computable from a diffusers
+    folder or a single-file checkpoint alike, so a plan can be checked against either."""
+    h = hashlib.sha256()
+    for name in sorted(weights, key=_layer_order):
+        h.update(name.encode() + b"\0" + _tensor_bytes(weights[name]))
+    return h.hexdigest()
+
+
+def fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
+    """sha256 over the UNet config, the value-layer weights and the text-encoder weights: what
+    determines the signals NeMo reads. Keys every cache and output."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    h.update(canonical_json(json.loads(json.dumps(cfg, default=list))).encode())
+    layers = discover_value_layers(unet)
+    h.update(value_digest({v.path: unet.get_submodule(v.path).weight for v in layers}).encode())
+    for name, t in sorted(text_encoder.state_dict().items()):
+        h.update(name.encode() + b"\0" + _tensor_bytes(t))
+    return h.hexdigest()
+
+
+@dataclass
+class Model:
+    """A loaded Stable Diffusion model: its parts, value layers and fingerprint."""
+
+    path: Path
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    vae: Any | None
+    value_layers: list[ValueLayer]
+    fingerprint: str
+    value_digest: str
+    stored_dtype: str
+
+    def to_v(self, path: str) -> nn.Linear:
+        return self.unet.get_submodule(path)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {v.path: (v.out_features, v.in_features) for v in self.value_layers}
+
+    @property
+    def latent_size(self) -> int:
+        s = self.unet.config.sample_size
+        return int(s if isinstance(s, int) else s[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "fingerprint": self.fingerprint, "value_digest": self.value_digest,
+                "dtype": self.stored_dtype, "value_layers": len(self.value_layers),
+                "shapes": {k: list(v) for k, v in self.shapes.items()}}
+
+
+def _weight_files(part_dir: Path) -> tuple[list[Path], list[Path]]:
+    files = [p for p in part_dir.iterdir() if p.is_file()]
+    safe = sorted(p for p in files if p.suffix == ".safetensors")
+    pickled = sorted(p for p in files if p.suffix in PICKLE_SUFFIXES)
+    return safe, pickled
+
+
+def check_model_folder(path: Path, allow_pickle: bool = False, parts: tuple[str, ...] = REQUIRED_PARTS) -> None:
+    """Everything that can be said about a folder before loading it, as one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise NemoError(f"{path}: model not found")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise NemoError(f"{path}: pickle checkpoints are refused (they can run code when loaded); "
+                            f"convert to safetensors, or pass --allow-pickle if you trust the file")
+        raise NemoError(f"{path}: expected a diffusers model folder (model_index.json, unet/, ...); "
+                        f"single-file checkpoints are accepted by 'apply' only")
+    if not (path / "model_index.json").is_file():
+        raise NemoError(f"{path}: not a diffusers model folder (model_index.json missing)")
+    for part in parts:
+        d = path / part
+        if not d.is_dir():
+            raise NemoError(f"{path}: model folder is missing {part}/")
+        if part in WEIGHT_PARTS:
+            if not (d / "config.json").is_file():
+                raise NemoError(f"{d}: config.json missing")
+            safe, pickled = _weight_files(d)
+            if not safe and not pickled:
+                raise NemoError(f"{d}: no weights (expected *.safetensors)")
+            if not safe:
+                if not allow_pickle:
+                    raise NemoError(f"{pickled[0]}: pickle weights are refused (they can run code when "
+                                    f"loaded); convert to safetensors, or pass --allow-pickle if you trust them")
+            for f in safe:
+                read_header(f)
+
+
+def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
+               dtype: torch.dtype = torch.float32, with_vae: bool = True) -> Model:
+    """Load the parts NeMo needs from a local diffusers folder, offline, safetensors only unless
+    `allow_pickle`. Never executes code from the folder (no custom pipelines or remote code)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    check_model_folder(path, allow_pickle)
+    kw: dict[str, Any] = dict(local_files_only=True)
+    use_st = None if allow_pickle else True
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_st, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_st, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_st, **kw) if with_vae else None
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        scheduler_config = json.loads(sched_file.read_text())
+    except NemoError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NemoError(f"{path}: cannot load model ({first})") from None
+    stored = str(next(unet.parameters()).dtype).replace("torch.", "")
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    layers = discover_value_layers(unet)
+    fp = fingerprint(unet, text_encoder)
+    vd = value_digest({v.path: unet.get_submodule(v.path).weight for v in layers})
+    unet.to(device=device, dtype=dtype)
+    text_encoder.to(device=device, dtype=dtype)
+    if vae is not None:
+        vae.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    return Model(path, unet, text_encoder, tokenizer, scheduler_config, vae, layers, fp, vd, stored)
+
+
+class zeroed_rows:
+    """Context manager: the given rows of the value layers are zero inside the block, restored
+    after. The in-memory twin of the surgery, for comparisons (plan vs random neurons)."""
+
+    def __init__(self, model: Model, neurons: dict[str, Any]):
+        self.model = model
+        self.neurons = {k: sorted(v) for k, v in neurons.items() if v}
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> Model:
+        for path, rows in self.neurons.items():
+            w = self.model.to_v(path).weight
+            self.saved[path] = w.data[rows].clone()
+            w.data[rows] = 0
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for path, rows in self.neurons.items():
+            self.model.to_v(path).weight.data[rows] = self.saved[path]
+        self.saved = {}

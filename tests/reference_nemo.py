@@ -1,0 +1,69 @@
+"""The published per-prompt NeMo algorithm, written plainly: one candidate per UNet pass, every
+decision in order, no speculation and no early exit. The batched engine must take the same
+decisions; the benchmark times both."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_surgery.localize.calibrate import Calibration
+from nemo_surgery.localize.score import Scorer, value_activations
+from nemo_surgery.localize.settings import SearchSettings
+from nemo_surgery.model import ValueLayer
+
+
+def plain_nemo(scorer: Scorer, cal: Calibration, layers: list[ValueLayer], prompt: str,
+               s: SearchSettings = SearchSettings()) -> dict:
+    emb = scorer.embed([prompt])
+    d = scorer.prompt_noise_diffs(emb)
+    per_seed = scorer.seed_scores(d)
+    seeds = [i for i, v in enumerate(per_seed.tolist()) if v > cal.theta_mem]
+    if float(per_seed.mean()) <= cal.theta_mem or not seeds:
+        return {"memorized": False}
+
+    def score(neurons: dict[str, set[int]]) -> float:
+        sets = [{k: frozenset(v) for k, v in neurons.items() if v}] * len(seeds)
+        blocked = scorer.noise_diff(emb.expand(len(seeds), -1, -1), scorer.latents[seeds], sets)
+        return float(scorer.similarity(d[seeds], blocked).max())
+
+    # Initial selection: theta_act from 5 down by 0.25 (not below 1), k up by 1.
+    acts = value_activations(scorer.model, emb, layers)
+    z = cal.z(acts)
+    width = min(v.out_features for v in layers)
+    theta_act, k = s.theta_act_start, s.top_k_start
+    threshold, fallback = cal.theta_mem, False
+    while True:
+        sel = {}
+        for v in layers:
+            chosen = set(torch.nonzero(z[v.path][0] > theta_act).flatten().tolist())
+            if k > 0:
+                chosen |= set(torch.topk(acts[v.path][0], min(k, width)).indices.tolist())
+            sel[v.path] = chosen
+        sc = score(sel)
+        if sc < threshold:
+            break
+        if theta_act <= s.theta_act_min or k >= width:
+            threshold, fallback = sc, True
+            break
+        theta_act = max(s.theta_act_min, theta_act - s.theta_act_step)
+        k += s.top_k_step
+    initial = {p: sorted(v) for p, v in sel.items() if v}
+
+    def mitigated(x: float) -> bool:
+        return x <= threshold if fallback else x < threshold
+
+    current = {p: set(v) for p, v in sel.items() if v}
+    # Refinement (a): whole layers, last layer first.
+    for v in reversed(layers):
+        if v.path in current:
+            trial = {p: n for p, n in current.items() if p != v.path}
+            if mitigated(score(trial)):
+                current = trial
+    # Refinement (b): single neurons, last layer first.
+    for v in reversed(layers):
+        for n in sorted(current.get(v.path, ())):
+            trial = {p: (rows - {n} if p == v.path else rows) for p, rows in current.items()}
+            if mitigated(score(trial)):
+                current = {p: r for p, r in trial.items() if r}
+    return {"memorized": True, "seeds": seeds, "initial": initial,
+            "refined": {p: sorted(v) for p, v in current.items() if v}, "threshold": threshold}

@@ -1,0 +1,156 @@
+"""Localization on tiny in-code models: masks vs surgery, calibration cache, the batched engine
+against the plain published algorithm, resumable results, the merge."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from nemo_surgery.corpus import read_corpus
+from nemo_surgery.engine import Runtime, make_engine
+from nemo_surgery.errors import NemoError
+from nemo_surgery.localize.merge import MergeSettings, make_plan, union
+from nemo_surgery.localize.runner import run_corpus
+from nemo_surgery.localize.search import Localizer
+from nemo_surgery.localize.settings import MsSsim, ScoreSettings, SearchSettings
+from nemo_surgery.model import load_model, zeroed_rows
+from reference_nemo import plain_nemo
+from tiny import save_tiny_pipeline
+
+PROMPTS = ["a small red circle at the top left on blue background",
+           "a large green square at the center on white background",
+           "a medium yellow star at the bottom on black background",
+           "rusty teapot photographed at dawn", "golden violin photographed by night",
+           "frozen harbor photographed in winter"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loc")
+    model_dir = save_tiny_pipeline(root / "model", seed=3)
+    ref = root / "reference.txt"
+    ref.write_text("\n".join(PROMPTS) + "\n")
+    corpus = root / "corpus.txt"
+    corpus.write_text("official portrait of astronaut eileen collins\nchelsea the tabby cat staring sideways\n")
+    model = load_model(model_dir)
+    engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(layers="all"),
+                         cache_dir=root / "cache")
+    return root, model, engine, ref, corpus
+
+
+def force_memorized(engine, theta=0.05):
+    """The random tiny model memorizes nothing; a low theta_mem makes every prompt take the
+    whole search so that every code path and decision is exercised."""
+    engine.calibration = dataclasses.replace(engine.calibration, theta_mem=theta)
+    return engine
+
+
+def test_msssim_window_fits_small_latents():
+    assert MsSsim.for_size(64) == MsSsim(11, 1.5, 3, True)
+    small = MsSsim.for_size(16)
+    assert (small.kernel_size, small.sigma, small.scales, small.published) == (3, 0.5, 3, False)
+
+
+def test_masks_equal_zeroed_rows_bit_for_bit(tiny):
+    _, model, engine, _, _ = tiny
+    sc = engine.scorer
+    neurons = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": frozenset({0, 3, 7}),
+               "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v": frozenset({1})}
+    emb = sc.embed(["official portrait of astronaut eileen collins"]).expand(4, -1, -1)
+    masked = sc.noise_diff(emb, sc.latents, [neurons] * 4)
+    with zeroed_rows(model, neurons):
+        zeroed = sc.noise_diff(emb, sc.latents)
+    plain = sc.noise_diff(emb, sc.latents)
+    assert torch.equal(masked, zeroed)
+    assert not torch.equal(masked, plain)
+    # per-sample masks: only sample 1 blocked
+    mixed = sc.noise_diff(emb, sc.latents, [{}, neurons, {}, {}])
+    assert torch.equal(mixed[1], masked[1]) and torch.equal(mixed[0], plain[0])
+
+
+def test_calibration_statistics_and_cache(tiny):
+    root, model, engine, ref, _ = tiny
+    cal = engine.calibration
+    assert set(cal.mean) == {v.path for v in model.value_layers}
+    assert cal.n_reference == len(PROMPTS) and len(cal.reference_scores) == len(PROMPTS)
+    scores = torch.tensor(cal.reference_scores, dtype=torch.float64)
+    assert cal.theta_mem == pytest.approx(float(scores.mean() + scores.std()), abs=1e-5)
+    # activation mean computed independently for one layer
+    layer = model.value_layers[0].path
+    emb = engine.scorer.embed(PROMPTS)
+    a = (emb @ model.to_v(layer).weight.T).abs().mean(1)
+    assert torch.allclose(cal.mean[layer], a.mean(0), atol=1e-6)
+    again = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache")
+    assert again.calibration.theta_mem == cal.theta_mem
+    assert torch.equal(again.calibration.std[layer], cal.std[layer])
+
+
+def test_batched_engine_takes_the_plain_algorithms_decisions(tiny):
+    _, _, engine, _, _ = tiny
+    force_memorized(engine)
+    for prompt in ["official portrait of astronaut eileen collins", "chelsea the tabby cat staring sideways"]:
+        ref = plain_nemo(engine.scorer, engine.calibration, engine.layers, prompt)
+        emb = engine.scorer.embed([prompt])
+        d = engine.scorer.prompt_noise_diffs(emb)
+        from nemo_surgery.localize.detect import detect
+
+        det = detect(engine.scorer, d, engine.calibration.theta_mem)
+        got = Localizer(engine.scorer, engine.calibration, engine.layers, engine.search).localize(
+            "x", prompt, None, emb, d, det)
+        assert ref["memorized"] and list(det.memorized_seeds) == ref["seeds"]
+        if got.near_threshold:
+            pytest.skip(f"decision within float noise of a threshold: {got.near_threshold[0]}")
+        assert got.initial == ref["initial"]
+        assert got.refined == ref["refined"]
+        assert got.threshold == pytest.approx(ref["threshold"], abs=1e-5)
+
+
+def test_results_resume_and_refuse_changed_settings(tiny, tmp_path):
+    _, model, engine, ref, corpus_path = tiny
+    force_memorized(engine)
+    corpus = read_corpus(corpus_path)
+    out = tmp_path / "results.jsonl"
+    full = run_corpus(engine, corpus, out)
+    assert [r["id"] for r in full] == [p.id for p in corpus.prompts]
+    lines = out.read_text().splitlines()
+    # a crash after the first prompt, in the middle of writing the second record
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    resumed = run_corpus(engine, corpus, out)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["header", "prompt", "prompt"]
+    assert [r["refined"] for r in resumed] == [r["refined"] for r in full]
+    other = dataclasses.replace(engine, search=SearchSettings(theta_act_start=4.0, layers="all"))
+    with pytest.raises(NemoError, match="other settings"):
+        run_corpus(other, corpus, out)
+    again = run_corpus(other, corpus, out, restart=True)
+    assert len(again) == 2
+
+
+def test_merge_union_counts_and_filters():
+    recs = [{"refined": {"a": [1, 2], "b": [0]}}, {"refined": {"a": [2]}}, {"refined": {}}]
+    merged, counts = union(recs)
+    assert merged == {"a": frozenset({1, 2}), "b": frozenset({0})}
+    assert counts == {"a": {1: 1, 2: 2}, "b": {0: 1}}
+    assert union(recs, min_prompts=2)[0] == {"a": frozenset({2})}
+    assert union(recs, max_neurons=1)[0] == {"a": frozenset({2})}
+
+
+def test_make_plan_checks_and_prunes(tiny, tmp_path):
+    _, model, engine, _, corpus_path = tiny
+    force_memorized(engine)
+    corpus = read_corpus(corpus_path)
+    recs = run_corpus(engine, corpus, tmp_path / "r.jsonl")
+    plan = make_plan(engine, corpus, recs, MergeSettings())
+    union_n = sum(len(r["refined"]) and sum(len(v) for v in r["refined"].values()) for r in recs)
+    assert plan.check["union_neurons"] <= union_n
+    assert plan.n_neurons <= plan.check["union_neurons"]
+    assert plan.check["mitigated_share"] >= plan.check["union_mitigated_share"] or plan.n_neurons < plan.check["union_neurons"]
+    assert plan.model["fingerprint"] == model.fingerprint
+    assert plan.corpus["sha256"] == corpus.sha256
+    plan.save(tmp_path / "plan.json")
+    again = type(plan).load(tmp_path / "plan.json")
+    assert again.layers == plan.layers
+    again.check_against(model.shapes, fingerprint=model.fingerprint)

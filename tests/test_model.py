@@ -1,0 +1,114 @@
+"""Model I/O: offline loading, value-layer discovery, pickle refusal, fingerprints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from nemo_surgery.errors import NemoError
+from nemo_surgery.model import discover_value_layers, load_model, select_layers
+from tiny import DEMO_MODEL, save_tiny_pipeline, tiny_unet
+
+OFFICIAL_SD1 = [f"down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn2.to_v" for i in range(3) for j in range(2)] + [
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_pipeline_round_trip_loads_and_generates(tiny_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    img = pipe("a small red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+    m = load_model(tiny_dir)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(m.unet.state_dict()[k], v)
+
+
+def test_discovery_sd1_layout_matches_paper_positions(tiny_dir):
+    m = load_model(tiny_dir)
+    paths = [v.path for v in m.value_layers]
+    assert len(paths) == 16
+    assert [v.path for v in select_layers(m.value_layers, "official")] == OFFICIAL_SD1
+    assert paths[6] == OFFICIAL_SD1[6]  # data-flow order: down, mid, then up
+    assert all(p.startswith("up_blocks.") for p in paths[7:])
+    assert {v.in_features for v in m.value_layers} == {16}
+
+
+@pytest.mark.skipif(not DEMO_MODEL.exists(), reason="demo model not trained")
+def test_discovery_on_demo_model():
+    m = load_model(DEMO_MODEL, with_vae=False)
+    assert len(m.value_layers) == 16
+    assert [v.path for v in select_layers(m.value_layers, "official")] == OFFICIAL_SD1
+    assert sum(v.out_features for v in select_layers(m.value_layers, "official")) == 384
+
+
+def test_discovery_sd2_and_sdxl_shapes():
+    sd2 = discover_value_layers(tiny_unet("sd2"))
+    assert len(sd2) == 16 and {v.in_features for v in sd2} == {1024}
+    xl = discover_value_layers(tiny_unet("sdxl"))
+    # SDXL: no attention in the first down block; 2 transformer blocks per attention here.
+    assert not any(v.path.startswith("down_blocks.0.") for v in xl)
+    assert any(".transformer_blocks.1.attn2.to_v" in v.path for v in xl)
+    assert {v.in_features for v in xl} == {2048}
+    assert len(xl) == 2 * (2 + 2) + 2 + 2 * (3 + 3)  # down 2 blocks x 2 layers, mid, up 2 blocks x 3 layers
+
+
+def test_layer_selection_globs_and_errors(tiny_dir):
+    m = load_model(tiny_dir)
+    assert len(select_layers(m.value_layers, "all")) == 16
+    assert len(select_layers(m.value_layers, "up_blocks.1.*")) == 3
+    assert len(select_layers(m.value_layers, "mid_block.*,down_blocks.0.*")) == 3
+    with pytest.raises(NemoError, match="no value layer matches"):
+        select_layers(m.value_layers, "nonsense.*")
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path):
+    d = save_tiny_pipeline(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(NemoError, match="pickle") as e:
+        load_model(d)
+    assert "\n" not in str(e.value)
+    m = load_model(d, allow_pickle=True)
+    assert len(m.value_layers) == 16
+
+
+def test_missing_part_and_corrupt_weights(tmp_path, tiny_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(NemoError, match="missing scheduler/"):
+        load_model(broken)
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tiny_dir, trunc)
+    f = trunc / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(NemoError, match="truncated"):
+        load_model(trunc)
+
+
+def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):
+    import shutil
+
+    a = load_model(tiny_dir)
+    b = load_model(tiny_dir)
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_dir, edited)
+    f = edited / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    key = "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v.weight"
+    sd[key][5] = 0
+    save_file(sd, f, metadata={"format": "pt"})
+    c = load_model(edited)
+    assert c.fingerprint != a.fingerprint and c.value_digest != a.value_digest
+    # the config is part of it too
+    cfg = json.loads((edited / "unet" / "config.json").read_text())
+    assert cfg["cross_attention_dim"] == 16

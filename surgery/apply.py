@@ -93,7 +93,6 @@ def apply_plan(plan: Plan, model: Path, out: Path, *, fmt: str | None = None,
         if ckpt.kind == "single":
             with atomic_path(out) as tmp:
                 _rewrite(ckpt.headers[model], tmp, per_file[model], extra_meta)
-                os.chmod(tmp, _default_mode(0o666))
             files: tuple[Path, ...] = (out,)
         else:
             files = _copy_folder(model, out, ckpt, per_file, extra_meta)
@@ -267,7 +266,6 @@ def _copy_folder(model: Path, out: Path, ckpt: _Checkpoint, per_file: dict[Path,
                  extra_meta: dict[str, str]) -> tuple[Path, ...]:
     rewritten: list[Path] = []
     with atomic_dir(out) as tmp:
-        os.chmod(tmp, _default_mode(0o777))
         for root, dirs, names in os.walk(model, followlinks=True):
             # Our own temporaries from an interrupted run are not part of the model.
             dirs[:] = sorted(d for d in dirs if not d.startswith(TMP_PREFIX))
@@ -353,14 +351,6 @@ def _pwrite_all(fo: int, data: bytes | memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fo, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _default_mode(mode: int) -> int:
-    """`mode` under the umask: temporaries are created private (0600/0700), and a released model
-    should get the permissions any new file would."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mode & ~mask
 
 
 def _fsync(path: Path) -> None:

@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--held-out", type=int, default=20, help="held-out captions to sample")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plan", type=Path, default=None,
+                    help="also measure with the plan's neurons zeroed, and with as many random neurons")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -89,9 +91,48 @@ def main() -> int:
     print(f"held-out captions ({len(held)} x {args.seeds} seeds): median SSIM to nearest memorized image "
           f"{med:.3f} (target < {HELD_OUT_TARGET})")
     print("targets met" if report["summary"]["targets_met"] else "targets MISSED")
+    if args.plan:
+        report["blocking"] = compare_blocking(model, args.plan, mem, train, recon, gs)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["summary"]["targets_met"] else 1
+
+
+def reproduction(imgs: np.ndarray, mem: list, train: dict, recon: dict) -> dict:
+    own = ssim_photo = ssim_rec = 0.0
+    n = 0
+    for i, p in enumerate(mem):
+        for g in imgs[i]:
+            sims = {k: ssim(g, v) for k, v in train.items()}
+            own += max(sims, key=sims.get) == p.id
+            ssim_photo += sims[p.id]
+            ssim_rec += ssim(g, recon[p.id])
+            n += 1
+    return {"own_nearest": own / n, "ssim_photo": ssim_photo / n, "ssim_recon": ssim_rec / n}
+
+
+def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict, gs: GenSettings) -> dict:
+    """Reproduction with the plan's neurons zeroed against as many random neurons per layer
+    (seeded): does the plan hit memorization specifically, or is any damage enough?"""
+    from nemo_surgery.model import zeroed_rows
+    from nemo_surgery.plan import Plan
+
+    plan = Plan.load(plan_path)
+    g = torch.Generator().manual_seed(0)
+    shapes = model.shapes
+    rand = {k: torch.randperm(shapes[k][0], generator=g)[:len(v)].tolist() for k, v in plan.layers.items()}
+    texts = [p.text for p in mem]
+    out = {"neurons": plan.n_neurons, "original": reproduction(generate(model, texts, gs), mem, train, recon)}
+    with zeroed_rows(model, plan.layers):
+        out["plan"] = reproduction(generate(model, texts, gs), mem, train, recon)
+    with zeroed_rows(model, rand):
+        out["random"] = reproduction(generate(model, texts, gs), mem, train, recon)
+    print(f"\nblocking {plan.n_neurons} neurons (memorized captions, {len(gs.seeds)} seeds each):")
+    for k in ("original", "plan", "random"):
+        r = out[k]
+        print(f"  {k:8} own image nearest {r['own_nearest']:.0%}, SSIM to photo {r['ssim_photo']:.3f}, "
+              f"to reconstruction {r['ssim_recon']:.3f}")
+    return out
 
 
 if __name__ == "__main__":

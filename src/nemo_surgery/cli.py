@@ -245,6 +245,115 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, referenc
         f"{ch['memorized_prompts']} memorized prompts); {out}")
 
 
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True,
+              help="Diffusers folder or single-file .safetensors checkpoint.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="plan.json.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cleaned folder or file to write.")
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file"]), default=None,
+              help="Output layout (default: same as the input).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@handle_errors
+def apply(model, plan_path, out, fmt, force):
+    """Zero the plan's rows of each to_v weight, streaming; every other byte unchanged."""
+    from .plan import Plan
+    from .surgery.apply import apply_plan
+
+    plan = Plan.load(plan_path)
+    res = apply_plan(plan, model, out, fmt={"single-file": "single"}.get(fmt, fmt), force=force)
+    log(f"done: {sum(len(v) for v in res.zeroed.values())} rows zeroed in {len(res.zeroed)} layers, "
+        f"{len(res.files)} weight file(s) rewritten, {res.seconds:.2f} s; {res.out}")
+
+
+@cli.command()
+@click.option("--original", type=click.Path(path_type=Path), required=True, help="The input checkpoint.")
+@click.option("--cleaned", type=click.Path(path_type=Path), required=True, help="What apply wrote.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="plan.json.")
+@handle_errors
+def verify(original, cleaned, plan_path):
+    """Reload what was written: planned rows zero, every other tensor and file unchanged."""
+    from .plan import Plan
+    from .surgery.verify import check_weights
+
+    chk = check_weights(original, cleaned, Plan.load(plan_path))
+    click.echo(json.dumps(chk.to_dict(), indent=2))
+    if not chk.ok:
+        raise NemoError(f"{cleaned}: verification failed ({chk.problems[0]})")
+    log(f"verified: {chk.tensors_checked} tensors, {chk.rows_zeroed} rows zero, {chk.files_identical} files identical")
+
+
+@cli.command("export")
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Cleaned diffusers folder.")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the ONNX files.")
+@click.option("--text-encoder/--no-text-encoder", default=False, help="Also export the text encoder.")
+@click.option("--vae-decoder/--no-vae-decoder", default=False, help="Also export the VAE decoder.")
+@handle_errors
+def export_cmd(model, fmt, out, text_encoder, vae_decoder):
+    """Export the cleaned UNet to ONNX and check it against torch with onnxruntime."""
+    from dataclasses import asdict
+
+    from .export.onnx import export_text_encoder, export_unet, export_vae_decoder
+
+    reps = [export_unet(model, out)]
+    if text_encoder:
+        reps.append(export_text_encoder(model, out))
+    if vae_decoder:
+        reps.append(export_vae_decoder(model, out))
+    for r in reps:
+        log(f"exported {r.path} ({r.bytes / 1e6:.1f} MB), onnxruntime vs torch max abs diff {r.max_abs_diff:.2e}")
+    click.echo(json.dumps([asdict(r) for r in reps], indent=2, default=str))
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Release bundle folder.")
+@click.option("--min-prompts", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-neurons", type=click.IntRange(1), default=None)
+@click.option("--prune/--no-prune", default=True, show_default=True)
+@click.option("--min-mitigated", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Share of memorized prompts that must be mitigated for a releasable bundle.")
+@click.option("--allow-partial", is_flag=True, help="Exit 0 even when the bundle is not releasable.")
+@click.option("--onnx/--no-onnx", default=False, show_default=True, help="Also export the UNet to ONNX.")
+@click.option("--card-include-prompts", is_flag=True, help="List the captions in the model card.")
+@click.option("--license", "license_", default=None, help="License for the card's front matter.")
+@click.option("--base-model", default=None, help="Hub id of the base model, for the card.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
+@score_options
+@search_options
+@runtime_options
+@handle_errors
+def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
+          card_include_prompts, license_, base_model, force, restart, reference, seeds, timestep_index,
+          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, device,
+          precision, batch_size, allow_pickle):
+    """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
+    from .build import BuildOptions, build as run_build
+    from .engine import Runtime
+    from .localize.merge import MergeSettings
+    from .localize.settings import ScoreSettings, SearchSettings
+
+    opts = BuildOptions(
+        model=model, corpus=corpus, reference=reference, out=out,
+        runtime=Runtime(device, precision, batch_size, allow_pickle),
+        score=ScoreSettings(seeds=seeds, timestep_index=timestep_index),
+        search=SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers),
+        merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
+        cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
+        card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
+        restart=restart)
+    s = run_build(opts, log)
+    log("\n" + s.table())
+    if s.releasable:
+        log(f"releasable bundle: {s.out}")
+        return
+    log(f"bundle written to {s.out} but NOT releasable (see verify.json)")
+    if not allow_partial:
+        raise click.exceptions.Exit(1)
+
+
 def main() -> None:
     try:
         cli.main(prog_name="nemo-surgery")

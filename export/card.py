@@ -1,0 +1,219 @@
+"""The model card (`README.md` with hub front matter) of a release bundle.
+
+Captions of memorized prompts describe training images the release is meant to stop
+reproducing, so they appear only when the caller opts in (`include_prompts`); the corpus is
+otherwise identified by its hash alone.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from ..files import write_text_atomic
+from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, flatten, fmt, neurons_of,
+                      pct, releasable_text, section, verification_rows)
+
+TAGS = ("stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal")
+MAX_INDICES_SHOWN = 32  # per layer in the card; plan.json has them all
+
+BIBTEX = """@inproceedings{hintersdorf2024nemo,
+  title     = {Finding NeMo: Localizing Neurons Responsible For Memorization in Diffusion Models},
+  author    = {Hintersdorf, Dominik and Struppek, Lukas and Kersting, Kristian and Dziedzic, Adam and Boenisch, Franziska},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2024},
+  eprint    = {2406.02366},
+  archivePrefix = {arXiv}
+}"""
+
+
+def _yaml_str(s: str) -> str:
+    # A JSON string is a valid YAML double-quoted scalar: no value can break the front matter.
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _cell(v: Any) -> str:
+    """Text safe inside a Markdown table cell: hub cards render HTML, and a pipe or line break
+    would split the table."""
+    s = v if isinstance(v, str) else fmt(v)
+    s = html.escape(s, quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return s.replace("`", "\\`")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _front_matter(info: ReleaseInfo) -> list[str]:
+    lines = ["---"]
+    if info.base_model:
+        lines.append(f"base_model: {_yaml_str(info.base_model)}")
+    if info.license:
+        lines.append(f"license: {_yaml_str(info.license)}")
+    lines += ["library_name: diffusers", "pipeline_tag: text-to-image", "tags:"]
+    lines += [f"- {t}" for t in TAGS]
+    return lines + ["---", ""]
+
+
+def _what_was_done(info: ReleaseInfo) -> list[str]:
+    n, layers = info.total_neurons(), info.layers()
+    source = f"**{_cell(info.base_model or info.model_name)}**"
+    return [
+        "## What was done", "",
+        f"This is {source} with **{n} neuron{'s' if n != 1 else ''}** in {len(layers)} cross-attention "
+        "value projection(s) of the UNet (`attn2.to_v.weight`) set to zero. Each neuron is one output row "
+        "of a value layer; zeroing it removes that feature from what the text prompt contributes to the "
+        "image. Nothing else in the checkpoint was changed.", "",
+        "The neurons were found with **NeMo** "
+        f"({PAPER_AUTHORS}: *{PAPER_TITLE}*, {PAPER_VENUE}, [arXiv:{PAPER_ARXIV}](https://arxiv.org/abs/{PAPER_ARXIV})): "
+        "for each prompt whose generations reproduce a training image, candidate neurons are selected by "
+        "out-of-distribution activation on that prompt and refined to a minimal set that stops the "
+        "memorization; the sets of all memorized prompts are merged into one plan.", "",
+        "```bibtex", BIBTEX, "```", "",
+    ]
+
+
+def _what_was_removed(info: ReleaseInfo) -> list[str]:
+    layers = info.layers()
+    lines = ["## What was removed", ""]
+    if not layers:
+        return lines + ["No neurons: the plan is empty, the weights are those of the input model.", ""]
+    rows = []
+    for path, idx in sorted(layers.items()):
+        shown = ", ".join(str(i) for i in idx[:MAX_INDICES_SHOWN])
+        if len(idx) > MAX_INDICES_SHOWN:
+            shown += f", ... ({len(idx) - MAX_INDICES_SHOWN} more in plan.json)"
+        width = info.layer_width(path)
+        rows.append([f"{path}", len(idx), width if width is not None else "n/a", shown])
+    rows.append(["**total**", info.total_neurons(), "", ""])
+    lines += _table(["Layer", "Neurons zeroed", "Layer width", "Indices"], rows)
+    return lines
+
+
+def _corpus(info: ReleaseInfo) -> list[str]:
+    c = info.corpus()
+    lines = ["## Corpus", ""]
+    lines += _table(["", ""], [["sha256", str(c.get("sha256") or "n/a")],
+                               ["prompts", c.get("prompts")],
+                               ["memorized (detected)", c.get("memorized")]])
+    mem = info.memorized_results()
+    if info.include_prompts and mem:
+        lines += ["Memorized prompts (captions included at the publisher's request):", ""]
+        lines += _table(["id", "caption", "score", "neurons", "mitigated by own set"],
+                        [[str(r.get("id", "")), str(r.get("prompt", "")), r.get("score"), neurons_of(r),
+                          r.get("mitigated")] for r in mem])
+    elif mem:
+        lines += ["The captions are not published here: they describe the training images this release is "
+                  "meant to stop reproducing. The corpus is identified by its sha256.", ""]
+    return lines
+
+
+def _settings(info: ReleaseInfo) -> list[str]:
+    lines = ["## Settings", ""]
+    rows: list[list[Any]] = []
+    seeds = info.seeds()
+    if seeds is not None:
+        rows.append(["scoring seeds", ", ".join(str(s) for s in seeds)])
+    theta = info.theta_mem()
+    if theta is not None:
+        rows.append(["theta_mem (memorization threshold)", theta])
+    if "min_mitigated" in info.verify:
+        rows.append(["min share mitigated for release", info.verify["min_mitigated"]])
+    rows += [[k, v] for k, v in flatten(info.plan.get("settings") or {})]
+    if not rows:
+        return lines + ["No settings recorded.", ""]
+    return lines + _table(["Setting", "Value"], rows)
+
+
+def _verification(info: ReleaseInfo) -> list[str]:
+    v = info.verify
+    rows = verification_rows(info)
+    lines = ["## Verification", ""]
+    lines += _table(["Check", "Result"], rows) if rows else ["No verification figures recorded.", ""]
+    gen = [g for g in (v.get("generation") or []) if isinstance(g, dict)]
+    if gen:
+        lines += ["Generations from the same seeds before and after surgery: SSIM to the training image "
+                  "(lower after is better) and diversity across seeds (1 - mean pairwise SSIM; higher after "
+                  "means the model no longer draws one fixed image):", ""]
+        lines += _table(["id", "SSIM to training image before", "after", "diversity before", "after"],
+                        [[str(g.get("id", "")), g.get("ssim_train_before"), g.get("ssim_train_after"),
+                          g.get("diversity_before"), g.get("diversity_after")] for g in gen])
+    return lines
+
+
+def _release(info: ReleaseInfo) -> list[str]:
+    v = info.verify
+    mem = section(v, "memorized")
+    text = releasable_text(v)
+    lines = ["## Releasable", "", f"**{text}**", ""]
+    why = []
+    if "min_mitigated" in v and mem.get("share") is not None:
+        why.append(f"{pct(mem.get('share'))} of memorized prompts mitigated (required: {pct(v['min_mitigated'])})")
+    if section(v, "weights"):
+        why.append("weight check " + ("passed" if section(v, "weights").get("ok") else "failed"))
+    if section(v, "equivalence"):
+        why.append("masked and zeroed models " + ("identical" if section(v, "equivalence").get("exact")
+                                                  else "not identical"))
+    if why:
+        lines += ["; ".join(why) + ".", ""]
+    return lines
+
+
+def _audit(info: ReleaseInfo) -> list[str]:
+    lines = ["## Adversarial re-trigger audit", ""]
+    if info.audit is None:
+        return lines + ["Not run. No attempt was made to re-trigger the removed memorization with "
+                        "optimized or perturbed prompt embeddings; see Limitations.", ""]
+    rows = info.audit_rows()
+    lines += ["Share of memorized prompts re-triggered by an adversarial search over the text embedding "
+              "within each perturbation budget:", ""]
+    return lines + _table(["Budget", "Re-trigger rate"], [[b, pct(r)] for b, r in rows])
+
+
+LIMITATIONS = [
+    "## Limitations", "",
+    "- Memorization can be less local than it looks. NeMo removes the neurons that are sufficient to stop the "
+    "memorization *for the prompts and seeds tested*; other prompts, paraphrases or seeds may still reach "
+    "the memorized image through other paths.",
+    "- Perturbed or optimized text embeddings may re-trigger memorized images even when the plain prompts no "
+    "longer do (see the audit section).",
+    "- Only memorization that the detector flags in the corpus is addressed; training images not covered by "
+    "the corpus are untouched.",
+    "- Zeroing neurons changes the model slightly for unrelated prompts as well; the reference-prompt figures "
+    "above measure how often.",
+    "",
+]
+
+
+def _provenance(info: ReleaseInfo) -> list[str]:
+    seeds = info.seeds()
+    c = info.corpus()
+    rows = [["tool", f"nemo-surgery {info.tool_version}"],
+            ["input model", info.model_name],
+            ["input model fingerprint", info.model_fingerprint],
+            ["plan sha256", info.plan_sha256],
+            ["corpus sha256", str(c.get("sha256") or "n/a")],
+            ["seeds", ", ".join(str(s) for s in seeds) if seeds is not None else "n/a"]]
+    if info.verify.get("cleaned_fingerprint"):
+        rows.insert(3, ["output model fingerprint", str(info.verify["cleaned_fingerprint"])])
+    return ["## Provenance", ""] + _table(["", ""], rows)
+
+
+def render_model_card(info: ReleaseInfo) -> str:
+    name = info.model_name
+    lines = _front_matter(info)
+    lines += [f"# {_cell(name)}: memorization neurons removed (NeMo)", ""]
+    for part in (_what_was_done, _what_was_removed, _corpus, _settings, _verification, _release, _audit):
+        lines += part(info)
+    lines += LIMITATIONS
+    lines += _provenance(info)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_model_card(path: Path, info: ReleaseInfo) -> None:
+    """Write the hub model card (front matter + Markdown) to `path`, atomically."""
+    write_text_atomic(Path(path), render_model_card(info))

@@ -1,0 +1,218 @@
+"""The record the model card and the HTML report are both written from, and the small readers
+they share. Every reader tolerates missing keys: a bundle built without generation measures,
+without an audit or from an older plan still gets a card and a report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PAPER_TITLE = "Finding NeMo: Localizing Neurons Responsible For Memorization in Diffusion Models"
+PAPER_AUTHORS = "Dominik Hintersdorf, Lukas Struppek, Kristian Kersting, Adam Dziedzic, Franziska Boenisch"
+PAPER_VENUE = "NeurIPS 2024"
+PAPER_ARXIV = "2406.02366"
+
+
+@dataclass
+class ReleaseInfo:
+    model_name: str
+    base_model: str | None
+    license: str | None
+    tool_version: str
+    model_fingerprint: str
+    plan: dict  # plan.json content
+    plan_sha256: str
+    results: list[dict]  # per-prompt localization records
+    verify: dict  # verification figures; every key optional
+    include_prompts: bool = False
+    audit: dict | None = None
+    # (label, before (S, H, W, 3) float in [0, 1], after (S, H, W, 3))
+    images: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def layers(self) -> dict[str, list[int]]:
+        raw = self.plan.get("layers") or {}
+        return {str(k): sorted(int(r) for r in v) for k, v in raw.items() if isinstance(v, list)}
+
+    def total_neurons(self) -> int:
+        return sum(len(v) for v in self.layers().values())
+
+    def layer_width(self, path: str) -> int | None:
+        shape = ((self.plan.get("model") or {}).get("shapes") or {}).get(path)
+        return int(shape[0]) if isinstance(shape, (list, tuple)) and shape else None
+
+    def memorized_results(self) -> list[dict]:
+        return [r for r in self.results if r.get("memorized")]
+
+    def neurons_per_prompt(self) -> list[int]:
+        return [neurons_of(r) for r in self.memorized_results()]
+
+    def corpus(self) -> dict[str, Any]:
+        """Corpus figures from the plan, filled in from the results where the plan lacks them."""
+        c = dict(self.plan.get("corpus") or {})
+        c.setdefault("prompts", len(self.results) if self.results else None)
+        c.setdefault("memorized", len(self.memorized_results()) if self.results else None)
+        return c
+
+    def theta_mem(self) -> float | None:
+        v = section(self.verify, "memorized").get("theta_mem")
+        if v is None:
+            v = (self.plan.get("check") or {}).get("theta_mem")
+        return as_float(v)
+
+    def seeds(self) -> list[int] | None:
+        """Scoring seeds: recorded by verification, else derived from the score settings."""
+        s = self.verify.get("seeds")
+        if isinstance(s, list):
+            return [int(x) for x in s]
+        score = (self.plan.get("settings") or {}).get("score") or {}
+        if isinstance(score.get("seeds"), int):
+            base = int(score.get("seed_base", 0) or 0)
+            return list(range(base, base + score["seeds"]))
+        return None
+
+    def audit_rows(self) -> list[tuple[Any, float | None]]:
+        """(budget, re-trigger rate) in the audit's budget order; JSON turns numeric keys into
+        strings, so a budget is looked up both ways."""
+        if not self.audit:
+            return []
+        rate = self.audit.get("rate") or {}
+        budgets = self.audit.get("budgets")
+        if not isinstance(budgets, list):
+            budgets = list(rate)
+        return [(b, as_float(rate.get(b, rate.get(str(b))))) for b in budgets]
+
+    def onnx_reports(self) -> dict[str, dict]:
+        """verify["onnx"] is one export report or a mapping of part -> report."""
+        o = self.verify.get("onnx")
+        if not isinstance(o, dict) or not o:
+            return {}
+        if "path" in o or "max_abs_diff" in o:
+            return {str(o.get("part", "unet")): o}
+        return {str(k): v for k, v in o.items() if isinstance(v, dict)}
+
+
+def neurons_of(result: dict) -> int:
+    n = result.get("refined_neurons")
+    if isinstance(n, int):
+        return n
+    return sum(len(v) for v in (result.get("refined") or {}).values())
+
+
+def section(d: dict | None, key: str) -> dict:
+    v = (d or {}).get(key)
+    return v if isinstance(v, dict) else {}
+
+
+def as_float(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def floats(values: Any) -> list[float]:
+    if not isinstance(values, (list, tuple)):
+        return []
+    out = [as_float(v) for v in values]
+    return [v for v in out if v is not None and math.isfinite(v)]
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """Numbers for people: fixed digits for ordinary magnitudes, scientific for tiny ones."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    f = as_float(v)
+    if f is None:
+        return str(v)
+    if not math.isfinite(f):
+        return str(f)
+    if f == 0:
+        return "0"
+    if abs(f) < 10 ** -digits or abs(f) >= 1e6:
+        return f"{f:.2e}"
+    return f"{f:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def pct(v: Any) -> str:
+    f = as_float(v)
+    return "n/a" if f is None else f"{100 * f:.1f}%"
+
+
+def flatten(d: Any, prefix: str = "", max_list: int = 12) -> list[tuple[str, str]]:
+    """Nested settings as dotted (key, value) rows; long lists are summarised so a table of
+    settings never embeds, say, every calibration score."""
+    rows: list[tuple[str, str]] = []
+    if isinstance(d, dict):
+        for k in sorted(d, key=str):
+            rows += flatten(d[k], f"{prefix}.{k}" if prefix else str(k), max_list)
+    elif isinstance(d, (list, tuple)) and len(d) > max_list:
+        rows.append((prefix, f"[{len(d)} values]"))
+    elif isinstance(d, (list, tuple)):
+        rows.append((prefix, "[" + ", ".join(fmt(x) for x in d) + "]"))
+    else:
+        rows.append((prefix, fmt(d)))
+    return rows
+
+
+def short_layer(path: str) -> str:
+    """`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v` -> `down0.att1.tb0`: readable
+    chart labels; tables keep the full path."""
+    parts = path.split(".")
+    out: list[str] = []
+    names = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid", "attentions": "att",
+             "transformer_blocks": "tb"}
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p in names:
+            nxt = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else ""
+            out.append(names[p] + nxt)
+            i += 2 if nxt else 1
+        elif p in ("attn2", "to_v"):
+            i += 1
+        else:
+            out.append(p)
+            i += 1
+    return ".".join(out) or path
+
+
+def releasable_text(verify: dict) -> str:
+    r = verify.get("releasable")
+    return "yes" if r is True else "no" if r is False else "not decided"
+
+
+def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
+    """(check, result) rows shared by the card and the report, from whatever verify holds."""
+    v = info.verify
+    mem, ref = section(v, "memorized"), section(v, "reference")
+    w, eq = section(v, "weights"), section(v, "equivalence")
+    rows: list[list[Any]] = []
+    if mem:
+        rows.append(["memorized prompts mitigated",
+                     f"{fmt(mem.get('mitigated'))} / {fmt(mem.get('prompts'))} ({pct(mem.get('share'))})"])
+    if ref:
+        rows.append(["reference prompts changed beyond seed noise",
+                     f"{fmt(ref.get('changed'))} / {fmt(ref.get('prompts'))} ({pct(ref.get('share'))})"])
+        if "memorized_after" in ref:
+            rows.append(["reference prompts scoring as memorized after", ref["memorized_after"]])
+    if w:
+        rows.append(["weight check", "passed" if w.get("ok") else "FAILED"])
+        rows.append(["tensors checked", w.get("tensors_checked")])
+        rows.append(["rows zeroed", w.get("rows_zeroed")])
+        for p in (w.get("problems") or [])[:5]:
+            rows.append(["weight problem", str(p)])
+    if eq:
+        rows.append(["max abs diff, masked original vs zeroed", eq.get("max_abs_diff")])
+        rows.append(["identical", eq.get("exact")])
+    for part, o in info.onnx_reports().items():
+        rows.append([f"ONNX {part}: max abs diff vs torch", o.get("max_abs_diff")])
+    return rows

@@ -1,0 +1,188 @@
+"""`build`: calibrate, detect, localize, merge, apply, verify and export in one resumable run.
+
+The composition root of the stages. Work in progress lives in `<out>.work/` (results appended
+per prompt, the plan, a staged bundle); the finished bundle is renamed onto `<out>` in one step,
+so `<out>` is either absent, the previous bundle, or the complete new one. Rerunning the same
+command resumes: finished prompts and a matching plan are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .corpus import read_corpus
+from .engine import Runtime, make_engine, open_model
+from .errors import NemoError
+from .files import atomic_dir, clean_stale_tmp, sha256_file, write_json_atomic
+from .localize.merge import MergeSettings, as_neurons, make_plan
+from .localize.runner import run_corpus
+from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
+from .model import load_model
+from .plan import Plan
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    corpus: Path
+    reference: Path
+    out: Path
+    runtime: Runtime = field(default_factory=Runtime)
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    calibration_prompts: int = CALIBRATION_SCORE_PROMPTS
+    cache_dir: Path | None = None
+    min_mitigated: float = 0.95
+    allow_partial: bool = False
+    onnx: bool = False
+    card_include_prompts: bool = False
+    license: str | None = None
+    base_model: str | None = None
+    verify_reference_prompts: int = 64
+    force: bool = False
+    restart: bool = False
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    releasable: bool
+    rows: list[tuple[str, str, str]]  # (stage, what, seconds)
+
+    def table(self) -> str:
+        w = max(len(r[0]) for r in self.rows)
+        lines = [f"{s:<{w}}  {sec:>7}  {what}" for s, what, sec in self.rows]
+        return "\n".join(lines)
+
+
+def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> BuildSummary:
+    out = Path(opts.out)
+    work = out.with_name(out.name + ".work")
+    if out.exists() and not opts.force:
+        raise NemoError(f"{out}: output folder exists (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise NemoError(f"{out}: exists and is not a folder")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NemoError(f"{work}: cannot create the work folder ({e.strerror})") from None
+    if not os.access(work, os.W_OK) or not os.access(work.parent, os.W_OK):
+        raise NemoError(f"{work.parent}: output location is not writable")
+    clean_stale_tmp(work)
+    clean_stale_tmp(out.parent)
+    rows: list[tuple[str, str, str]] = []
+    t = time.perf_counter()
+
+    def stage(name: str, what: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        rows.append((name, what, f"{now - t:.1f}s"))
+        log(f"== {name}: {what} ({now - t:.1f} s)")
+        t = now
+
+    corpus = read_corpus(opts.corpus)
+    log(f"== corpus: {len(corpus.prompts)} prompts from {opts.corpus}"
+        + (f" ({len(corpus.duplicates)} duplicates skipped)" if corpus.duplicates else ""))
+    model = open_model(opts.model, opts.runtime)
+    log(f"== model: {opts.model} ({len(model.value_layers)} value layers, fingerprint {model.fingerprint[:12]})")
+    engine = make_engine(model, opts.reference, opts.runtime, opts.score, opts.search,
+                         opts.cache_dir or work / "cache", opts.calibration_prompts, log)
+    stage("calibrate", f"theta_mem {engine.calibration.theta_mem:.4f} from {engine.calibration.n_reference} prompts")
+
+    results_path = work / "results.jsonl"
+    records = run_corpus(engine, corpus, results_path, restart=opts.restart, log=log)
+    mem = [r for r in records if r["memorized"]]
+    stage("localize", f"{len(mem)} of {len(records)} prompts memorized; "
+          f"{sum(r.get('mitigated', False) for r in mem)} mitigated by their own set")
+
+    plan_path = work / "plan.json"
+    results_sha = sha256_file(results_path)
+    plan = _load_matching_plan(plan_path, results_sha, opts.merge)
+    if plan is None:
+        plan = make_plan(engine, corpus, records, opts.merge, log)
+        plan.settings["results_sha256"] = results_sha
+        plan.save(plan_path)
+    ch = plan.check
+    stage("merge", f"{ch['union_neurons']} neurons in the union -> {plan.n_neurons} in the plan; "
+          f"mitigates {ch['mitigated_share']:.0%} of memorized prompts")
+
+    from .export.bundle import write_sha256sums
+    from .surgery.apply import apply_plan
+    from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore
+
+    with atomic_dir(out) as staged:
+        result = apply_plan(plan, opts.model, staged / "model", force=True)
+        stage("apply", f"{plan.n_neurons} rows zeroed in {len(result.files)} file(s)")
+
+        weights = check_weights(opts.model, staged / "model", plan)
+        cleaned = load_model(staged / "model", device=str(model.device), dtype=model.unet.dtype)
+        mem_prompts = [p for p in corpus.prompts if p.id in {str(r["id"]) for r in mem}]
+        ref = read_corpus(opts.reference).prompts
+        n_ref = min(opts.verify_reference_prompts, len(ref))
+        ref_sample = [ref[round(i * (len(ref) - 1) / max(1, n_ref - 1))].text for i in range(n_ref)]
+        equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
+        mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
+        gen_rows, grid = generation_measures(model, cleaned, mem_prompts)
+        releasable = (weights.ok and equiv["exact"] and mem_v["share"] >= opts.min_mitigated) if mem_prompts else weights.ok
+        verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "weights": weights.to_dict(),
+                  "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen_rows,
+                  "seeds": list(range(opts.score.seed_base, opts.score.seed_base + opts.score.seeds)),
+                  "model_fingerprint": model.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
+                  "tool": {"name": "nemo-surgery", "version": __version__}}
+        stage("verify", f"weights {'ok' if weights.ok else 'FAILED'}, masked==zeroed "
+              f"{'exact' if equiv['exact'] else 'max diff ' + format(equiv['max_abs_diff'], '.2e')}, "
+              f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated, "
+              f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise")
+
+        if opts.onnx:
+            from .export.onnx import export_unet
+
+            rep = export_unet(staged / "model", staged / "onnx")
+            verify["onnx"] = asdict(rep) | {"path": str(Path(rep.path).relative_to(staged))}
+            stage("onnx", f"UNet exported, max abs diff vs torch {rep.max_abs_diff:.2e}")
+        write_json_atomic(staged / "verify.json", verify)
+        plan.save(staged / "plan.json")
+        shutil.copyfile(results_path, staged / "results.jsonl")
+        _write_docs(staged, opts, model, plan, records, verify, grid)
+        write_sha256sums(staged)
+        stage("export", "bundle with model card, report and SHA256SUMS")
+    shutil.rmtree(work, ignore_errors=True)
+    return BuildSummary(out, releasable, rows)
+
+
+def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> Plan | None:
+    if not path.is_file():
+        return None
+    try:
+        plan = Plan.load(path)
+    except NemoError:
+        return None
+    if plan.settings.get("results_sha256") != results_sha or plan.settings.get("merge") != asdict(merge):
+        return None
+    return plan
+
+
+def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: list[dict], verify: dict,
+                grid: list) -> None:
+    from .export.card import write_model_card
+    from .export.records import ReleaseInfo
+    from .export.report import write_report
+
+    info = ReleaseInfo(model_name=Path(opts.model).name, base_model=opts.base_model, license=opts.license,
+                       tool_version=__version__, model_fingerprint=model.fingerprint, plan=plan.to_dict(),
+                       plan_sha256=plan.sha256(), results=records, verify=verify,
+                       include_prompts=opts.card_include_prompts, audit=None, images=grid)
+    write_model_card(staged / "README.md", info)
+    write_report(staged / "report.html", info)
+
+
+def summary_json(s: BuildSummary) -> str:
+    return json.dumps({"out": str(s.out), "releasable": s.releasable, "stages": s.rows}, indent=2)

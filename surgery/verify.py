@@ -1,0 +1,204 @@
+"""Verification of what surgery wrote: reload it and check, from the files, that exactly the
+plan's rows are zero and nothing else moved; that the cleaned UNet computes exactly what the
+hook-blocked original computes; and that memorization is gone while other prompts stay put.
+
+Weight checks stream one tensor at a time. Behavioural checks use localization's scoring (the
+one dependency on an earlier stage that the design allows: verification must measure with the
+same instrument that found the neurons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..corpus import Prompt
+from ..errors import NemoError
+from ..files import sha256_file
+from ..generation import GenSettings, diversity, generate, load_image, image_size, ssim
+from ..localize.runner import Engine
+from ..localize.score import Scorer
+from ..model import VALUE_SUFFIX, Model
+from ..plan import Plan
+from .keymap import ldm_to_diffusers
+
+MIN_MITIGATED = 0.95  # share of memorized prompts that must be mitigated for a releasable bundle
+
+
+@dataclass
+class WeightCheck:
+    ok: bool
+    tensors_checked: int
+    rows_zeroed: int
+    files_identical: int
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "tensors_checked": self.tensors_checked, "rows_zeroed": self.rows_zeroed,
+                "files_identical": self.files_identical, "problems": self.problems[:20]}
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _module_of(key: str) -> str | None:
+    """Diffusers module path of a value-layer weight key (diffusers or LDM naming), else None."""
+    if not key.endswith(f"{VALUE_SUFFIX}.weight"):
+        return None
+    name = key[: -len(".weight")]
+    if name.startswith("model.diffusion_model."):
+        try:
+            name = ldm_to_diffusers(name)
+        except (NemoError, ValueError):
+            return None
+    return name
+
+
+def _pairs(original: Path, cleaned: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """(safetensors pairs, other-file pairs) of an input and its cleaned copy."""
+    if original.is_file():
+        return [(original, cleaned)], []
+    st, other = [], []
+    for f in sorted(p for p in original.rglob("*") if p.is_file()):
+        g = cleaned / f.relative_to(original)
+        (st if f.suffix == ".safetensors" else other).append((f, g))
+    return st, other
+
+
+def check_weights(original: Path, cleaned: Path, plan: Plan) -> WeightCheck:
+    """Tensor by tensor: planned rows zero, every other row and tensor bit-identical, every
+    non-weight file byte-identical."""
+    original, cleaned = Path(original), Path(cleaned)
+    st, other = _pairs(original, cleaned)
+    problems: list[str] = []
+    checked = zeroed = same_files = 0
+    seen_layers: set[str] = set()
+    for a, b in st:
+        if not b.exists():
+            problems.append(f"{b.name}: missing from output")
+            continue
+        with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+            if set(fa.keys()) != set(fb.keys()):
+                problems.append(f"{b.name}: tensor names differ from the input")
+                continue
+            for key in fa.keys():
+                ta, tb = fa.get_tensor(key), fb.get_tensor(key)
+                checked += 1
+                mod = _module_of(key)
+                rows = plan.layers.get(mod, []) if mod else []
+                if mod in plan.layers:
+                    seen_layers.add(mod)
+                if rows:
+                    keep = torch.ones(ta.shape[0], dtype=torch.bool)
+                    keep[rows] = False
+                    if tb[rows].count_nonzero():
+                        problems.append(f"{key}: planned rows are not zero")
+                    if _digest(ta[keep]) != _digest(tb[keep]):
+                        problems.append(f"{key}: rows outside the plan changed")
+                    zeroed += len(rows)
+                elif _digest(ta) != _digest(tb):
+                    problems.append(f"{key}: changed but not in the plan")
+    for a, b in other:
+        if a.suffix in (".json", ".txt", ".md") or b.exists():
+            if b.exists() and sha256_file(a) == sha256_file(b):
+                same_files += 1
+            elif not a.name.endswith(".index.json"):
+                problems.append(f"{b.relative_to(cleaned)}: differs from the input")
+    missing = set(plan.layers) - seen_layers
+    if missing:
+        problems.append(f"plan layers not found in the output: {sorted(missing)[:3]}")
+    return WeightCheck(not problems, checked, zeroed, same_files, problems)
+
+
+@torch.no_grad()
+def check_equivalence(engine: Engine, cleaned: Model, neurons: dict[str, frozenset[int]],
+                      prompts: list[str]) -> dict:
+    """Noise predictions of the cleaned UNet against the original with the plan's neurons masked:
+    in fp32 they must be identical, not merely close."""
+    sc = engine.scorer
+    emb = sc.embed(prompts)
+    n = len(sc.latents)
+    emb = emb.repeat_interleave(n, 0)
+    lat = sc.latents.repeat(len(prompts), 1, 1, 1)
+    masked = sc.noise_diff(emb, lat, [neurons] * len(lat))
+    clean_scorer = Scorer(cleaned, sc.settings, sc.batch_size, sc.autocast_dtype)
+    try:
+        plain = clean_scorer.noise_diff(emb, lat)
+    finally:
+        clean_scorer.close()
+    diff = float((masked - plain).abs().max())
+    return {"max_abs_diff": diff, "exact": diff == 0.0, "samples": len(lat),
+            "dtype": str(next(cleaned.unet.parameters()).dtype).replace("torch.", "")}
+
+
+def _scores(scorer: Scorer, prompts: list[str]) -> tuple[list[float], list[torch.Tensor]]:
+    out, ds = [], []
+    for p in prompts:
+        d = scorer.prompt_noise_diffs(scorer.embed([p]))
+        out.append(float(scorer.seed_scores(d).mean()))
+        ds.append(d)
+    return out, ds
+
+
+def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: list[str],
+            log: Callable[[str], None] = lambda s: None) -> tuple[dict, dict]:
+    """Memorization score of the memorized prompts before/after (mitigated: at or below theta_mem
+    after), and of reference prompts: changed when the cleaned model's noise differences are
+    further from the original's than another seed's are (mean MS-SSIM across the two models
+    below the prompt's own mean seed-to-seed MS-SSIM)."""
+    theta = engine.calibration.theta_mem
+    sc = engine.scorer
+    clean = Scorer(cleaned, sc.settings, sc.batch_size, sc.autocast_dtype)
+    try:
+        before, _ = _scores(sc, memorized)
+        after, _ = _scores(clean, memorized)
+        log(f"verify: re-scored {len(memorized)} memorized prompts")
+        ref_before, ref_d0 = _scores(sc, reference)
+        ref_after, ref_d1 = _scores(clean, reference)
+        changed = []
+        for d0, d1 in zip(ref_d0, ref_d1):
+            across = float(sc.similarity(d0, d1).mean())
+            n = len(d0)
+            i, j = torch.triu_indices(n, n, 1)
+            seed_noise = float(sc.similarity(d0[i], d0[j]).mean())
+            changed.append(across < seed_noise)
+        log(f"verify: re-scored {len(reference)} reference prompts")
+    finally:
+        clean.close()
+    mitigated = [a <= theta for a in after]
+    mem = {"prompts": len(memorized), "mitigated": int(sum(mitigated)),
+           "share": (sum(mitigated) / len(mitigated)) if mitigated else 1.0, "theta_mem": theta,
+           "scores_before": [round(x, 6) for x in before], "scores_after": [round(x, 6) for x in after]}
+    ref = {"prompts": len(reference), "changed": int(sum(changed)),
+           "share": (sum(changed) / len(changed)) if changed else 0.0,
+           "memorized_after": int(sum(a > theta for a in ref_after)),
+           "scores_before": [round(x, 6) for x in ref_before], "scores_after": [round(x, 6) for x in ref_after]}
+    return mem, ref
+
+
+def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
+                        settings: GenSettings = GenSettings()) -> tuple[list[dict], list[tuple]]:
+    """For prompts with a training image: SSIM to it and diversity across seeds, before and after.
+    Returns the measures and (label, before images, after images) for the report's grid."""
+    with_img = [p for p in prompts if p.image is not None]
+    if not with_img or original.vae is None or cleaned.vae is None:
+        return [], []
+    size = image_size(original)
+    before = generate(original, [p.text for p in with_img], settings)
+    after = generate(cleaned, [p.text for p in with_img], settings)
+    rows, grid = [], []
+    for k, p in enumerate(with_img):
+        train = load_image(p.image, size)
+        rows.append({"id": p.id, "type": p.type,
+                     "ssim_train_before": float(np.mean([ssim(x, train) for x in before[k]])),
+                     "ssim_train_after": float(np.mean([ssim(x, train) for x in after[k]])),
+                     "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])})
+        grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
+    return rows, grid

@@ -1,0 +1,65 @@
+"""Integration tier: the bundled demo model, end to end (minutes). Runs in CI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tiny import DEMO, DEMO_MODEL
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(),
+                                                    reason="demo model not trained")]
+
+
+def auroc(pos: list[float], neg: list[float]) -> float:
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "release"
+    cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL), "--corpus",
+           str(DEMO / "mem.csv"), "--reference", str(DEMO / "reference.csv"), "--out", str(out),
+           "--cache-dir", str(root / "cache"), "--allow-partial"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stderr
+
+
+def test_bundle_contents(bundle):
+    out, log = bundle
+    for name in ("model/model_index.json", "plan.json", "results.jsonl", "verify.json", "README.md",
+                 "report.html", "SHA256SUMS"):
+        assert (out / name).exists(), name
+    assert "== verify" in log and "== localize" in log
+
+
+def test_detection_on_demo(bundle):
+    out, _ = bundle
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()][1:]
+    vm = [r for r in recs if r["type"] == "VM"]
+    assert vm and all(r["memorized"] for r in vm), [r["prompt"] for r in vm if not r["memorized"]]
+    verify = json.loads((out / "verify.json").read_text())
+    ref_scores = verify["reference"]["scores_before"]
+    mem_scores = [r["score"] for r in recs if r["memorized"] or r["type"] in ("VM", "TM")]
+    assert auroc(mem_scores, ref_scores) >= 0.95
+
+
+def test_plan_mitigates_and_model_loads(bundle):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = bundle
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["format"] == "nemo-surgery-plan" and plan["check"]["mitigated_share"] >= 0.95
+    assert plan["check"]["neurons"] <= plan["check"]["union_neurons"]
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["weights"]["ok"] and verify["equivalence"]["exact"]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)
+    img = pipe("a small red circle at the top left on blue background", num_inference_steps=5, height=64,
+               width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)

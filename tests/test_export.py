@@ -1,0 +1,314 @@
+"""Export stage on real files: a tiny SD 1.x-shaped UNet saved by diffusers, exported to ONNX and
+run by onnxruntime; model card, HTML report and SHA256SUMS written and read back. No mocks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tiny import DEMO_MODEL, save_tiny_pipeline, tiny_unet
+
+from nemo_surgery.errors import NemoError
+from nemo_surgery.export import (OnnxReport, ReleaseInfo, check_sha256sums, export_text_encoder, export_unet,
+                                 export_vae_decoder, read_sha256sums, write_model_card, write_report,
+                                 write_sha256sums)
+from nemo_surgery.files import TMP_PREFIX
+
+P = "transformer_blocks.0.attn2.to_v"
+LAYER_A = f"down_blocks.0.attentions.0.{P}"
+LAYER_B = f"up_blocks.3.attentions.2.{P}"
+SECRET_A = "Portrait of Zyxwv Quorble on a red sofa"
+SECRET_B = "Ocean | waves <script>alert(1)</script> at https://example.com/x.jpg"
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Models this small gain nothing from threads, and on a busy machine torch's waiting workers
+    # make a millisecond forward pass take seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def unet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("onnx") / "model"
+    tiny_unet("sd1", seed=0).save_pretrained(root / "unet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(unet_model: Path) -> OnnxReport:
+    return export_unet(unet_model, unet_model.parent / "onnx", seed=3)
+
+
+def _unet_inputs(batch: int, seed: int) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(seed)
+    return {"sample": g.standard_normal((batch, 4, 16, 16), dtype=np.float32),
+            "timestep": g.integers(0, 1000, batch).astype(np.float32),
+            "encoder_hidden_states": g.standard_normal((batch, 77, 16), dtype=np.float32)}
+
+
+def test_unet_onnx_matches_torch(unet_model: Path, unet_onnx: OnnxReport) -> None:
+    rep = unet_onnx
+    assert rep.path == unet_model.parent / "onnx" / "unet" / "model.onnx" and rep.path.is_file()
+    assert rep.max_abs_diff is not None and rep.max_abs_diff < 1e-4
+    assert rep.opset == 17 and rep.exporter == "torchscript" and not rep.external_data
+    assert rep.bytes == rep.path.stat().st_size > 0
+    assert rep.onnxruntime == ort.__version__
+    assert [i["name"] for i in rep.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert rep.inputs[0]["shape"] == ["batch", 4, 16, 16]
+    assert [o["name"] for o in rep.outputs] == ["out_sample"]
+    assert rep.to_dict()["path"] == str(rep.path)
+    assert not [p for p in rep.path.parent.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_unet_onnx_dynamic_batch(unet_model: Path, unet_onnx: OnnxReport, batch: int) -> None:
+    from diffusers import UNet2DConditionModel
+
+    sess = ort.InferenceSession(str(unet_onnx.path), providers=["CPUExecutionProvider"])
+    feeds = _unet_inputs(batch, seed=batch)
+    (got,) = sess.run(["out_sample"], feeds)
+    unet = UNet2DConditionModel.from_pretrained(unet_model / "unet", local_files_only=True).eval()
+    with torch.no_grad():
+        want = unet(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]),
+                    encoder_hidden_states=torch.from_numpy(feeds["encoder_hidden_states"])).sample.numpy()
+    assert got.shape == (batch, 4, 16, 16)
+    assert float(np.abs(got - want).max()) < 1e-4
+
+
+def test_unet_onnx_external_data(unet_model: Path, unet_onnx: OnnxReport, tmp_path: Path) -> None:
+    rep = export_unet(unet_model, tmp_path / "onnx", external_data=True)
+    files = sorted(p.name for p in rep.path.parent.iterdir())
+    assert files == ["model.onnx", "model.onnx.data"] and rep.external_data
+    assert rep.bytes == sum((rep.path.parent / f).stat().st_size for f in files)
+    # The larger tensors moved out of the graph file (tiny ones stay inline, as onnx does).
+    assert (rep.path.parent / "model.onnx.data").stat().st_size > 0
+    assert rep.path.stat().st_size < unet_onnx.bytes
+    assert rep.max_abs_diff is not None and rep.max_abs_diff < 1e-4
+    sess = ort.InferenceSession(str(rep.path), providers=["CPUExecutionProvider"])
+    assert sess.run(None, _unet_inputs(1, 0))[0].shape == (1, 4, 16, 16)
+
+
+def test_unet_onnx_unchecked_and_replaced(unet_model: Path, tmp_path: Path) -> None:
+    first = export_unet(unet_model, tmp_path, check=False)
+    assert first.max_abs_diff is None and first.check_seconds is None
+    (first.path.parent / "stale.txt").write_text("left from an earlier export")
+    second = export_unet(unet_model, tmp_path, check=False)
+    assert sorted(p.name for p in second.path.parent.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]
+
+
+def test_onnx_export_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(NemoError) as e:
+        export_unet(tmp_path / "nothing-here", tmp_path / "out")
+    assert "unet" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "broken" / "unet").mkdir(parents=True)
+    (tmp_path / "broken" / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(NemoError) as e:
+        export_unet(tmp_path / "broken", tmp_path / "out")
+    assert "UNet" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "unet").exists()
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "tokenizer").is_dir(), reason="bundled demo tokenizer missing")
+def test_text_encoder_and_vae_decoder(tmp_path: Path) -> None:
+    model = save_tiny_pipeline(tmp_path / "model")
+    te = export_text_encoder(model, tmp_path / "onnx")
+    vae = export_vae_decoder(model, tmp_path / "onnx")
+    assert te.path == tmp_path / "onnx" / "text_encoder" / "model.onnx"
+    assert [o["name"] for o in te.outputs] == ["last_hidden_state", "pooler_output"]
+    assert te.inputs == [{"name": "input_ids", "shape": ["batch", 77], "dtype": "int64"}]
+    assert vae.path == tmp_path / "onnx" / "vae_decoder" / "model.onnx"
+    assert vae.inputs[0]["name"] == "latent_sample" and vae.outputs[0]["shape"][1:] == [3, 32, 32]
+    for rep in (te, vae):
+        assert rep.max_abs_diff is not None and rep.max_abs_diff < 1e-4, rep.part
+    sess = ort.InferenceSession(str(vae.path), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"latent_sample": np.zeros((3, 4, 16, 16), np.float32)})[0].shape == (3, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- card and report
+
+
+def _info(**over) -> ReleaseInfo:
+    rng = np.random.default_rng(0)
+    results = [
+        {"id": "p1", "prompt": SECRET_A, "type": "VM", "score": 0.71, "memorized": True,
+         "refined": {LAYER_A: [0, 3], LAYER_B: [7]}, "refined_neurons": 3, "mitigated": True, "seconds": 1.5},
+        {"id": "p2", "prompt": SECRET_B, "type": "TM", "score": 0.64, "memorized": True,
+         "refined": {LAYER_A: [3]}, "refined_neurons": 1, "mitigated": False, "seconds": 2.0},
+        {"id": "p3", "prompt": "an ordinary harmless caption", "type": None, "score": 0.2, "memorized": False,
+         "seconds": 0.4},
+    ]
+    plan = {"format": "nemo-surgery-plan", "version": 1,
+            "layers": {LAYER_A: [0, 3], LAYER_B: [7]}, "counts": {LAYER_A: {"0": 1, "3": 2}, LAYER_B: {"7": 1}},
+            "model": {"fingerprint": "f" * 64, "shapes": {LAYER_A: [8, 16], LAYER_B: [8, 16]}},
+            "corpus": {"sha256": "c" * 64, "prompts": 3, "memorized": 2},
+            "settings": {"score": {"seeds": 4, "seed_base": 10, "guidance": 7.5},
+                         "search": {"theta_act_start": 3.0}, "calibration": {"reference_scores": list(range(50))}},
+            "check": {"theta_mem": 0.42}}
+    verify = {"releasable": True, "min_mitigated": 0.95,
+              "weights": {"ok": True, "tensors_checked": 686, "rows_zeroed": 3},
+              "equivalence": {"max_abs_diff": 0.0, "exact": True},
+              "memorized": {"prompts": 2, "mitigated": 2, "share": 1.0, "theta_mem": 0.42,
+                            "scores_before": [0.71, 0.64], "scores_after": [0.3, 0.35]},
+              "reference": {"prompts": 4, "changed": 1, "share": 0.25, "scores_before": [0.1, 0.2, 0.15, 0.3],
+                            "scores_after": [0.11, 0.22, 0.14, 0.31]},
+              "generation": [{"id": "p1", "ssim_train_before": 0.9, "ssim_train_after": 0.2,
+                              "diversity_before": 0.01, "diversity_after": 0.4}],
+              "onnx": {"part": "UNet", "path": "onnx/unet/model.onnx", "max_abs_diff": 3e-7, "bytes": 10}}
+    images = [("p1 (VM)", rng.random((2, 64, 64, 3)), rng.random((2, 64, 64, 3)))]
+    kw = dict(model_name="tiny-sd", base_model="org/tiny-sd-base", license="creativeml-openrail-m",
+              tool_version="0.1.0", model_fingerprint="f" * 64, plan=plan, plan_sha256="a" * 64,
+              results=results, verify=verify, images=images)
+    return ReleaseInfo(**(kw | over))
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    _, fm, _ = text.split("---\n", 2)
+    return yaml.safe_load(fm)
+
+
+def test_card_front_matter_and_sections(tmp_path: Path) -> None:
+    write_model_card(tmp_path / "README.md", _info())
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    fm = _front_matter(text)
+    assert fm["base_model"] == "org/tiny-sd-base" and fm["license"] == "creativeml-openrail-m"
+    assert fm["library_name"] == "diffusers"
+    assert fm["tags"] == ["stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal"]
+    for heading in ("## What was done", "## What was removed", "## Corpus", "## Settings", "## Verification",
+                    "## Releasable", "## Adversarial re-trigger audit", "## Limitations", "## Provenance"):
+        assert heading in text, heading
+    assert "2406.02366" in text and "Hintersdorf" in text and "NeurIPS 2024" in text
+    assert f"| {LAYER_A} | 2 | 8 | 0, 3 |" in text and "| **total** | 3 |" in text
+    assert "c" * 64 in text and "a" * 64 in text and "f" * 64 in text
+    assert "10, 11, 12, 13" in text  # seeds derived from the score settings
+    assert "2 / 2 (100.0%)" in text and "1 / 4 (25.0%)" in text
+    assert "[50 values]" in text  # long lists are summarised, not dumped
+    assert "Adversarial re-trigger audit\n\nNot run." in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_card_prompts_only_when_included(tmp_path: Path) -> None:
+    write_model_card(tmp_path / "a.md", _info())
+    hidden = (tmp_path / "a.md").read_text(encoding="utf-8")
+    assert "Zyxwv" not in hidden and "Ocean" not in hidden and "harmless" not in hidden
+    write_model_card(tmp_path / "b.md", _info(include_prompts=True))
+    shown = (tmp_path / "b.md").read_text(encoding="utf-8")
+    assert SECRET_A in shown
+    # A caption cannot break the table or inject markup.
+    assert "Ocean \\| waves &lt;script&gt;" in shown and "<script>" not in shown
+
+
+def test_card_audit_table_and_sparse_input(tmp_path: Path) -> None:
+    info = _info(audit={"budgets": [0.01, 0.1], "rate": {"0.01": 0.0, "0.1": 0.5}})
+    write_model_card(tmp_path / "README.md", info)
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "| 0.01 | 0.0% |" in text and "| 0.1 | 50.0% |" in text and "Not run" not in text
+    bare = ReleaseInfo(model_name="m", base_model=None, license=None, tool_version="0", model_fingerprint="x",
+                       plan={}, plan_sha256="y", results=[], verify={})
+    write_model_card(tmp_path / "bare.md", bare)
+    fm = _front_matter((tmp_path / "bare.md").read_text(encoding="utf-8"))
+    assert "base_model" not in fm and "license" not in fm and fm["library_name"] == "diffusers"
+    assert "not decided" in (tmp_path / "bare.md").read_text(encoding="utf-8")
+
+
+def _data_uris(text: str) -> list[str]:
+    return re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+
+
+def test_report_self_contained(tmp_path: Path) -> None:
+    write_report(tmp_path / "report.html", _info(include_prompts=True))
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.count("<svg") >= 3
+    assert "http://" not in text and "https://" not in text
+    assert "<script" not in text and "<link" not in text and "@import" not in text and "url(" not in text
+    srcs = re.findall(r'(?:src|href)="([^"]*)"', text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    uris = _data_uris(text)
+    assert len(uris) == 4  # 2 seeds before + 2 after
+    img = Image.open(io.BytesIO(base64.b64decode(uris[0])))
+    assert img.format == "PNG" and img.size == (128, 128)  # 64 px enlarged x2, nearest neighbour
+    assert "theta_mem = 0.42" in text and "stroke-dasharray" in text
+    assert SECRET_A in text and "&lt;script&gt;" in text
+    assert "Not run." in text
+
+
+def test_report_withholds_prompts_and_tolerates_sparse_input(tmp_path: Path) -> None:
+    write_report(tmp_path / "r.html", _info())
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "Zyxwv" not in text and "Ocean" not in text and "harmless" not in text
+    bare = ReleaseInfo(model_name="<m>", base_model=None, license=None, tool_version="0", model_fingerprint="x",
+                       plan={"layers": {}}, plan_sha256="y", results=[], verify={"memorized": {}},
+                       audit={"budgets": [1], "rate": {}})
+    write_report(tmp_path / "bare.html", bare)
+    text = (tmp_path / "bare.html").read_text(encoding="utf-8")
+    assert "&lt;m&gt;" in text and "<m>" not in text and "not decided" in text
+
+
+# ---------------------------------------------------------------- SHA256SUMS
+
+
+def _bundle(root: Path) -> Path:
+    (root / "model" / "unet").mkdir(parents=True)
+    (root / "model" / "unet" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    (root / "README.md").write_text("card\n")
+    (root / "plan.json").write_text("{}\n")
+    (root / "odd name.txt").write_text("spaces are fine\n")
+    return root
+
+
+def test_sha256sums_roundtrip_and_tampering(tmp_path: Path) -> None:
+    root = _bundle(tmp_path / "release")
+    sums = write_sha256sums(root)
+    assert sums == root / "SHA256SUMS"
+    lines = sums.read_text().splitlines()
+    paths = [line[66:] for line in lines]
+    assert paths == sorted(paths) == ["README.md", "model/unet/weights.bin", "odd name.txt", "plan.json"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}  \S.*", line) for line in lines)
+    assert check_sha256sums(root) == []
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=root, capture_output=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (root / "plan.json").write_text('{"layers": {}}\n')
+    (root / "README.md").unlink()
+    (root / "extra.txt").write_text("not in the release\n")
+    assert check_sha256sums(root) == ["README.md: missing", "plan.json: modified", "extra.txt: not listed"]
+    # Rewriting makes it whole again and never lists the sums file itself.
+    write_sha256sums(root)
+    assert check_sha256sums(root) == [] and "SHA256SUMS" not in read_sha256sums(root / "SHA256SUMS")
+
+
+def test_sha256sums_escaped_names_and_bad_files(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "back\\slash.txt").write_text("x")
+    write_sha256sums(root)
+    line = (root / "SHA256SUMS").read_text()
+    assert line.startswith("\\") and "back\\\\slash.txt" in line
+    assert check_sha256sums(root) == []
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=root, capture_output=True).returncode == 0
+    (root / "SHA256SUMS").write_text("not a checksum line\n")
+    with pytest.raises(NemoError, match="line 1"):
+        check_sha256sums(root)
+    (root / "SHA256SUMS").write_text(f"{'0' * 64}  ../outside.txt\n")
+    assert check_sha256sums(root)[0] == "../outside.txt: outside the folder"
+    with pytest.raises(NemoError, match="not found"):
+        check_sha256sums(tmp_path / "nowhere")

@@ -21,7 +21,7 @@ class Detection:
         return self.score > self.theta_mem
 
     def to_dict(self) -> dict:
-        return {"score": round(self.score, 6), "memorized": self.memorized,
+        return {"score": round(self.score, 6), "theta_mem": round(self.theta_mem, 6), "memorized": self.memorized,
                 "memorized_seeds": list(self.memorized_seeds),
                 "seed_scores": [round(s, 6) for s in self.seed_scores]}
 

@@ -55,46 +55,49 @@ class PromptUnits:
 
 
 def memorized_units(engine: Engine, records: list[dict]) -> list[PromptUnits]:
-    """Text embedding and unblocked noise differences of each memorized prompt's memorized seeds,
-    recomputed (a resumed run has them only on disk as scores)."""
+    """Text embedding and unblocked noise differences of each memorized prompt (its memorized
+    seeds, or all seeds for the consistency criterion), recomputed: a resumed run has them only
+    on disk as scores."""
+    consistency = engine.search.criterion == "consistency"
     out = []
     for r in records:
         if not r.get("memorized") or not r.get("memorized_seeds"):
             continue
         emb = engine.scorer.embed([r["prompt"]])
         d = engine.scorer.prompt_noise_diffs(emb)
-        seeds = list(r["memorized_seeds"])
-        out.append(PromptUnits(str(r["id"]), seeds,
-                               [Unit(emb[0], engine.scorer.latents[s], d[s]) for s in seeds]))
+        seeds = list(range(len(d))) if consistency else list(r["memorized_seeds"])
+        out.append(PromptUnits(str(r["id"]), seeds, [Unit(emb[0], engine.scorer.latents[s], d[s]) for s in seeds]))
     return out
+
+
+def _corpus_checker(engine: Engine, prompts: list[PromptUnits], bars: dict[str, float] | None = None,
+                    early_exit: bool = False) -> Checker:
+    units, groups = [], []
+    for p in prompts:
+        off = bars[p.id] if bars else 0.0
+        groups.append(list(range(len(units), len(units) + len(p.units))))
+        units += [Unit(u.emb, u.latent, u.d_ref, off) for u in p.units]
+    return Checker(engine.scorer, units, groups, engine.search.criterion == "consistency", early_exit)
 
 
 def blocked_scores(engine: Engine, prompts: list[PromptUnits], neurons: Neurons) -> dict[str, float]:
-    """Per prompt: max over its memorized seeds of MS-SSIM(unblocked d, d with `neurons` off)."""
-    units = [u for p in prompts for u in p.units]
-    if not units:
+    """Per prompt, its score under the search's criterion with `neurons` off."""
+    if not prompts:
         return {}
-    checker = Checker(engine.scorer, units, early_exit=False)
-    sims = checker._run([neurons], [list(range(len(units)))])[0]
-    out, i = {}, 0
-    for p in prompts:
-        out[p.id] = float(sims[i:i + len(p.units)].max())
-        i += len(p.units)
-    return out
+    checker = _corpus_checker(engine, prompts)
+    vals = checker._group_scores([neurons], [list(range(len(prompts)))])[0]
+    return {p.id: v for p, v in zip(prompts, vals)}
 
 
 def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: dict[str, dict[int, int]],
           before: dict[str, float], log: Callable[[str], None] = lambda s: None) -> Neurons:
     """Re-activate layers, then neurons (least needed first), wherever every prompt stays at
     least as mitigated as with `neurons` blocked: below theta_mem if it was, else no worse."""
-    theta = engine.calibration.theta_mem
-    units = []
-    for p in prompts:
-        bar = theta if before[p.id] < theta else before[p.id] + 1e-9
-        units += [Unit(u.emb, u.latent, u.d_ref, bar) for u in p.units]
-    if not units:
+    if not prompts:
         return neurons
-    checker = Checker(engine.scorer, units, early_exit=True)
+    theta = engine.calibration.theta_mem
+    bars = {p.id: theta if before[p.id] < theta else before[p.id] + 1e-9 for p in prompts}
+    checker = _corpus_checker(engine, prompts, bars, early_exit=True)
     crit = Criterion(0.0)
     order = [v.path for v in reversed(engine.layers)]
     rank = {p: i for i, p in enumerate(order)}

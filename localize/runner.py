@@ -124,6 +124,7 @@ def describe(rec: dict, i: int, n: int) -> str:
         return f"{head}, not memorized ({rec['seconds']:.1f} s)"
     if "refined" not in rec:
         return f"{head}, memorized on {len(rec['memorized_seeds'])} seeds ({rec['seconds']:.1f} s)"
-    return (f"{head}, {rec['initial_neurons']} -> {rec['refined_neurons']} neurons, "
-            f"{'mitigated' if rec['mitigated'] else 'NOT mitigated'} ({rec['seconds']:.1f} s, "
-            f"{rec['sample_passes']} UNet samples)")
+    state = ("mitigated" if rec["mitigated"] else
+             f"NOT mitigated (best {rec['blocked_score']:.3f}, theta_mem {rec['theta_mem']:.3f})")
+    return (f"{head}, {rec['initial_neurons']} -> {rec['refined_neurons']} neurons, {state} "
+            f"({rec['seconds']:.1f} s, {rec['sample_passes']} UNet samples)")

@@ -102,62 +102,81 @@ class Unit:
 
 
 class Checker:
-    """Scores candidate neuron sets: max over its units of MS-SSIM(unblocked d, blocked d) - offset.
-    One prompt's memorized seeds (the search), or every memorized prompt of a corpus (the merge)."""
+    """Scores candidate neuron sets. Units are (prompt, seed) pairs, grouped per check:
+    - criterion "published" (NEMO.md): each memorized seed is a group; its score is
+      MS-SSIM(unblocked d, blocked d) - offset;
+    - criterion "consistency": each prompt is a group of all its seeds; its score is the prompt's
+      memorization score with the set blocked (mean over seeds of the best MS-SSIM against another
+      seed), i.e. the detection statistic theta_mem was calibrated on, minus offset.
+    A candidate's score is its worst group's. One prompt's seeds (the search) or every memorized
+    prompt of a corpus (the merge)."""
 
-    def __init__(self, scorer: Scorer, units: list[Unit], early_exit: bool = True):
+    def __init__(self, scorer: Scorer, units: list[Unit], groups: list[list[int]] | None = None,
+                 consistency: bool = False, early_exit: bool = True):
         self.scorer = scorer
         self.units = units
+        self.groups = groups if groups is not None else [[i] for i in range(len(units))]
+        self.consistency = consistency
         self.early_exit = early_exit
         self.sentinel = 0
         self.checks = 0
 
     @classmethod
     def for_prompt(cls, scorer: Scorer, emb: torch.Tensor, d: torch.Tensor, seeds: list[int],
-                   offset: float = 0.0, early_exit: bool = True) -> "Checker":
-        return cls(scorer, [Unit(emb[0], scorer.latents[s], d[s], offset) for s in seeds], early_exit)
+                   offset: float = 0.0, early_exit: bool = True, consistency: bool = False) -> "Checker":
+        if consistency:  # every seed takes part in the seed-consistency score
+            seeds = list(range(len(d)))
+            units = [Unit(emb[0], scorer.latents[s], d[s], offset) for s in seeds]
+            return cls(scorer, units, [list(range(len(units)))], True, early_exit)
+        return cls(scorer, [Unit(emb[0], scorer.latents[s], d[s], offset) for s in seeds], None, False, early_exit)
 
-    def _run(self, sets: list[Neurons], pos: list[list[int]]) -> list[torch.Tensor]:
-        """Sample (candidate c, unit u) for every u in pos[c], in shared passes."""
-        flat_sets, owner, us = [], [], []
-        for c, (s, ps) in enumerate(zip(sets, pos)):
-            for u in ps:
-                flat_sets.append(s)
-                owner.append(c)
-                us.append(self.units[u])
+    def _group_scores(self, sets: list[Neurons], gids: list[list[int]]) -> list[list[float]]:
+        """Scores of groups gids[c] for candidate c, all in shared UNet passes."""
+        flat_sets, us, where = [], [], []
+        for c, (s, gs) in enumerate(zip(sets, gids)):
+            for g in gs:
+                for u in self.groups[g]:
+                    flat_sets.append(s)
+                    us.append(self.units[u])
+                    where.append((c, g))
         if not flat_sets:
-            return [torch.empty(0) for _ in sets]
+            return [[] for _ in sets]
         emb = torch.stack([u.emb for u in us])
         d = self.scorer.noise_diff(emb, torch.stack([u.latent for u in us]), flat_sets)
-        sim = self.scorer.similarity(torch.stack([u.d_ref for u in us]), d)
-        sim = sim - torch.tensor([u.offset for u in us], dtype=sim.dtype)
-        out: list[list[torch.Tensor]] = [[] for _ in sets]
-        for o, v in zip(owner, sim):
-            out[o].append(v)
-        return [torch.stack(v) if v else torch.empty(0) for v in out]
+        out: list[list[float]] = [[] for _ in sets]
+        i = 0
+        while i < len(us):
+            c, g = where[i]
+            n = len(self.groups[g])
+            block, units = d[i:i + n], us[i:i + n]
+            if self.consistency:
+                val = float(self.scorer.seed_scores(block).mean())
+            else:
+                val = float(self.scorer.similarity(torch.stack([u.d_ref for u in units]), block).max())
+            out[c].append(val - units[0].offset)
+            i += n
+        return out
 
     def scores(self, sets: list[Neurons], crit: Criterion) -> list[float]:
-        """Each candidate's score; for a candidate that fails on the sentinel unit, the sentinel's
+        """Each candidate's score; for a candidate that fails on the sentinel group, the sentinel's
         value (a lower bound that already decides "not mitigated")."""
         self.checks += len(sets)
-        every = list(range(len(self.units)))
+        every = list(range(len(self.groups)))
         if not self.early_exit or len(every) == 1:
-            return [float(v.max()) for v in self._run(sets, [every] * len(sets))]
-        first = self._run(sets, [[self.sentinel]] * len(sets))
-        result = [float(v.max()) for v in first]
-        rest = [u for u in every if u != self.sentinel]
+            return [max(v) for v in self._group_scores(sets, [every] * len(sets))]
+        sentinel = self.sentinel
+        result = [v[0] for v in self._group_scores(sets, [[sentinel]] * len(sets))]
+        rest = [g for g in every if g != sentinel]
         todo = [c for c, sc in enumerate(result) if crit.ok(sc)]
         if todo:
-            more = self._run([sets[c] for c in todo], [rest] * len(todo))
-            sentinel = self.sentinel
+            more = self._group_scores([sets[c] for c in todo], [rest] * len(todo))
             for c, v in zip(todo, more):
-                full = torch.empty(len(every))
-                full[sentinel] = result[c]
-                full[torch.tensor(rest)] = v
-                result[c] = float(full.max())
-                if not crit.ok(result[c]):
-                    # The unit that failed becomes the next sentinel: failures tend to repeat.
-                    self.sentinel = int(full.argmax())
+                worst = max(range(len(v)), key=v.__getitem__)
+                if v[worst] > result[c]:
+                    result[c] = v[worst]
+                    if not crit.ok(result[c]):
+                        # The group that failed becomes the next sentinel: failures tend to repeat.
+                        self.sentinel = rest[worst]
         return result
 
     def max_candidates(self) -> int:
@@ -252,7 +271,8 @@ class Localizer:
         if not det.memorized or not det.memorized_seeds:
             res.seconds = time.perf_counter() - t0
             return res
-        checker = Checker.for_prompt(self.scorer, emb, d, list(det.memorized_seeds), early_exit=self.batched)
+        checker = Checker.for_prompt(self.scorer, emb, d, list(det.memorized_seeds), early_exit=self.batched,
+                                     consistency=self.settings.criterion == "consistency")
         crit = Criterion(det.theta_mem)
         near: list[dict] = []
 
@@ -294,7 +314,8 @@ class Localizer:
 
         res.refined = _sorted(current)
         res.blocked_score = checker.scores([current], Criterion(float("inf")))[0]
-        res.mitigated = crit.ok(res.blocked_score)
+        # Mitigated means below theta_mem; a fallback bar only guides the refinement.
+        res.mitigated = res.blocked_score < det.theta_mem
         res.checks = checker.checks
         res.near_threshold = near
         res.sample_passes = self.scorer.sample_passes - passes0

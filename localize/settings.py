@@ -90,6 +90,10 @@ class SearchSettings:
     top_k_start: int = TOP_K_START
     top_k_step: int = TOP_K_STEP
     layers: str = "official"
+    # "published": a set mitigates when MS-SSIM(unblocked d, blocked d) < theta_mem for every
+    # memorized seed (NEMO.md). "consistency": when the prompt's memorization score with the set
+    # blocked is < theta_mem, the statistic theta_mem is calibrated on (see docs/method.md).
+    criterion: str = "published"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,6 +22,10 @@ def plain_nemo(scorer: Scorer, cal: Calibration, layers: list[ValueLayer], promp
         return {"memorized": False}
 
     def score(neurons: dict[str, set[int]]) -> float:
+        if s.criterion == "consistency":  # the prompt's memorization score with the set blocked
+            n = len(scorer.latents)
+            sets = [{k: frozenset(v) for k, v in neurons.items() if v}] * n
+            return float(scorer.seed_scores(scorer.noise_diff(emb.expand(n, -1, -1), scorer.latents, sets)).mean())
         sets = [{k: frozenset(v) for k, v in neurons.items() if v}] * len(seeds)
         blocked = scorer.noise_diff(emb.expand(len(seeds), -1, -1), scorer.latents[seeds], sets)
         return float(scorer.similarity(d[seeds], blocked).max())

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text("official portrait of astronaut eileen collins\nchelsea the tabby cat staring sideways\n")
     model = load_model(model_dir)
-    engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(layers="all"),
+    engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(),
                          cache_dir=root / "cache")
     return root, model, engine, ref, corpus
 
@@ -88,11 +88,13 @@ def test_calibration_statistics_and_cache(tiny):
     assert torch.equal(again.calibration.std[layer], cal.std[layer])
 
 
-def test_batched_engine_takes_the_plain_algorithms_decisions(tiny):
+@pytest.mark.parametrize("criterion", ["published", "consistency"])
+def test_batched_engine_takes_the_plain_algorithms_decisions(tiny, criterion):
     _, _, engine, _, _ = tiny
     force_memorized(engine)
+    engine = dataclasses.replace(engine, search=dataclasses.replace(engine.search, criterion=criterion))
     for prompt in ["official portrait of astronaut eileen collins", "chelsea the tabby cat staring sideways"]:
-        ref = plain_nemo(engine.scorer, engine.calibration, engine.layers, prompt)
+        ref = plain_nemo(engine.scorer, engine.calibration, engine.layers, prompt, engine.search)
         emb = engine.scorer.embed([prompt])
         d = engine.scorer.prompt_noise_diffs(emb)
         from nemo_surgery.localize.detect import detect
@@ -101,11 +103,14 @@ def test_batched_engine_takes_the_plain_algorithms_decisions(tiny):
         got = Localizer(engine.scorer, engine.calibration, engine.layers, engine.search).localize(
             "x", prompt, None, emb, d, det)
         assert ref["memorized"] and list(det.memorized_seeds) == ref["seeds"]
-        if got.near_threshold:
-            pytest.skip(f"decision within float noise of a threshold: {got.near_threshold[0]}")
         assert got.initial == ref["initial"]
-        assert got.refined == ref["refined"]
         assert got.threshold == pytest.approx(ref["threshold"], abs=1e-5)
+        if got.refined != ref["refined"]:
+            # Only a decision within float noise of its threshold may flip between batch layouts,
+            # and the engine must have reported it.
+            assert got.near_threshold, "sets differ without any reported near-threshold decision"
+        else:
+            assert got.refined == ref["refined"]
 
 
 def test_results_resume_and_refuse_changed_settings(tiny, tmp_path):
@@ -122,7 +127,7 @@ def test_results_resume_and_refuse_changed_settings(tiny, tmp_path):
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["kind"] for r in recs] == ["header", "prompt", "prompt"]
     assert [r["refined"] for r in resumed] == [r["refined"] for r in full]
-    other = dataclasses.replace(engine, search=SearchSettings(theta_act_start=4.0, layers="all"))
+    other = dataclasses.replace(engine, search=SearchSettings(theta_act_start=4.0))
     with pytest.raises(NemoError, match="other settings"):
         run_corpus(other, corpus, out)
     again = run_corpus(other, corpus, out, restart=True)

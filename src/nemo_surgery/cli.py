@@ -84,6 +84,11 @@ def search_options(f: Callable) -> Callable:
         click.option("--theta-act-step", type=float, default=0.25, show_default=True),
         click.option("--theta-act-min", type=float, default=1.0, show_default=True),
         click.option("--top-k-step", type=click.IntRange(0), default=1, show_default=True),
+        click.option("--criterion", type=click.Choice(["published", "consistency"]), default="published",
+                     show_default=True,
+                     help="When a neuron set counts as mitigating: 'published' compares each memorized seed's "
+                          "noise difference with and without the set (NEMO.md); 'consistency' requires the "
+                          "prompt's memorization score with the set blocked to fall below theta_mem."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -121,7 +126,7 @@ def cli() -> None:
 
 def _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
             calibration_prompts, cache_dir, layers="official", theta_act=5.0, theta_act_step=0.25,
-            theta_act_min=1.0, top_k_step=1):
+            theta_act_min=1.0, top_k_step=1, criterion="published"):
     from .engine import Runtime, make_engine, open_model
     from .localize.settings import ScoreSettings, SearchSettings
 
@@ -129,7 +134,7 @@ def _engine(model, reference, device, precision, batch_size, allow_pickle, seeds
     m = open_model(model, runtime)
     log(f"model: {model} ({len(m.value_layers)} value layers, fingerprint {m.fingerprint[:12]})")
     score = ScoreSettings(seeds=seeds, timestep_index=timestep_index)
-    search = SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers)
+    search = SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers, criterion)
     return make_engine(m, reference, runtime, score, search, cache_dir, calibration_prompts, log)
 
 
@@ -181,15 +186,16 @@ def detect(model, corpus, out, restart, reference, seeds, timestep_index, calibr
 @runtime_options
 @handle_errors
 def localize(model, corpus, out, restart, reference, seeds, timestep_index, calibration_prompts, cache_dir,
-             layers, theta_act, theta_act_step, theta_act_min, top_k_step, device, precision, batch_size,
-             allow_pickle):
+             layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion, device, precision,
+             batch_size, allow_pickle):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
     c = read_corpus(corpus)
     eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
-                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step)
+                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
+                  criterion)
     recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log)
     summarize_localization(recs)
 
@@ -220,8 +226,8 @@ def summarize_localization(recs: list[dict]) -> None:
 @runtime_options
 @handle_errors
 def merge(model, corpus, results, out, min_prompts, max_neurons, prune, reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, device,
-          precision, batch_size, allow_pickle):
+          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
+          device, precision, batch_size, allow_pickle):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
     from .localize.merge import MergeSettings, make_plan
@@ -229,7 +235,8 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, referenc
 
     c = read_corpus(corpus)
     eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
-                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step)
+                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
+                  criterion)
     if not Path(results).is_file():
         raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
     done = open_results(results, make_header(eng.config(c, "localize")), restart=False)
@@ -327,8 +334,8 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
           card_include_prompts, license_, base_model, force, restart, reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, device,
-          precision, batch_size, allow_pickle):
+          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
+          device, precision, batch_size, allow_pickle):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
     from .build import BuildOptions, build as run_build
     from .engine import Runtime
@@ -339,7 +346,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         model=model, corpus=corpus, reference=reference, out=out,
         runtime=Runtime(device, precision, batch_size, allow_pickle),
         score=ScoreSettings(seeds=seeds, timestep_index=timestep_index),
-        search=SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers),
+        search=SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers, criterion),
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,

@@ -139,9 +139,17 @@ def _verification(info: ReleaseInfo) -> list[str]:
         lines += ["Generations from the same seeds before and after surgery: SSIM to the training image "
                   "(lower after is better) and diversity across seeds (1 - mean pairwise SSIM; higher after "
                   "means the model no longer draws one fixed image):", ""]
-        lines += _table(["id", "SSIM to training image before", "after", "diversity before", "after"],
+        lines += _table(["id", "SSIM to training image before", "after", "own image nearest before", "after",
+                         "diversity before", "after"],
                         [[str(g.get("id", "")), g.get("ssim_train_before"), g.get("ssim_train_after"),
+                          g.get("own_nearest_before"), g.get("own_nearest_after"),
                           g.get("diversity_before"), g.get("diversity_after")] for g in gen])
+        gs = section(v, "generation_summary")
+        if gs:
+            lines += [f"Training images reproduced (own image nearest among the corpus's training images in "
+                      f"more than half of {len(gs.get('seeds') or [])} seeds, {gs.get('steps')} steps, guidance "
+                      f"{gs.get('guidance')}): {gs.get('reproduced_before')} before, {gs.get('reproduced_after')} "
+                      f"after.", ""]
     return lines
 
 

@@ -85,7 +85,7 @@ def blocked_scores(engine: Engine, prompts: list[PromptUnits], neurons: Neurons)
     if not prompts:
         return {}
     checker = _corpus_checker(engine, prompts)
-    vals = checker._group_scores([neurons], [list(range(len(prompts)))])[0]
+    vals = checker.group_scores([neurons], [list(range(len(prompts)))])[0]
     return {p.id: v for p, v in zip(prompts, vals)}
 
 

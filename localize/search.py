@@ -130,7 +130,7 @@ class Checker:
             return cls(scorer, units, [list(range(len(units)))], True, early_exit)
         return cls(scorer, [Unit(emb[0], scorer.latents[s], d[s], offset) for s in seeds], None, False, early_exit)
 
-    def _group_scores(self, sets: list[Neurons], gids: list[list[int]]) -> list[list[float]]:
+    def group_scores(self, sets: list[Neurons], gids: list[list[int]]) -> list[list[float]]:
         """Scores of groups gids[c] for candidate c, all in shared UNet passes."""
         flat_sets, us, where = [], [], []
         for c, (s, gs) in enumerate(zip(sets, gids)):
@@ -163,13 +163,13 @@ class Checker:
         self.checks += len(sets)
         every = list(range(len(self.groups)))
         if not self.early_exit or len(every) == 1:
-            return [max(v) for v in self._group_scores(sets, [every] * len(sets))]
+            return [max(v) for v in self.group_scores(sets, [every] * len(sets))]
         sentinel = self.sentinel
-        result = [v[0] for v in self._group_scores(sets, [[sentinel]] * len(sets))]
+        result = [v[0] for v in self.group_scores(sets, [[sentinel]] * len(sets))]
         rest = [g for g in every if g != sentinel]
         todo = [c for c, sc in enumerate(result) if crit.ok(sc)]
         if todo:
-            more = self._group_scores([sets[c] for c in todo], [rest] * len(todo))
+            more = self.group_scores([sets[c] for c in todo], [rest] * len(todo))
             for c, v in zip(todo, more):
                 worst = max(range(len(v)), key=v.__getitem__)
                 if v[worst] > result[c]:

@@ -184,21 +184,41 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 
 
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
-                        settings: GenSettings = GenSettings()) -> tuple[list[dict], list[tuple]]:
-    """For prompts with a training image: SSIM to it and diversity across seeds, before and after.
-    Returns the measures and (label, before images, after images) for the report's grid."""
+                        settings: GenSettings = GenSettings()) -> tuple[dict, list[tuple]]:
+    """For prompts with a training image, full sampling before and after: SSIM to the training
+    image, diversity across seeds, and how often the prompt's own training image is the nearest of
+    the corpus's training images. A prompt *reproduces* its image when that happens in more than
+    half of the seeds. Returns the measures and (label, before, after) images for the report."""
     with_img = [p for p in prompts if p.image is not None]
     if not with_img or original.vae is None or cleaned.vae is None:
-        return [], []
+        return {"prompts": 0, "rows": []}, []
     size = image_size(original)
+    train = {p.id: load_image(p.image, size) for p in with_img}
     before = generate(original, [p.text for p in with_img], settings)
     after = generate(cleaned, [p.text for p in with_img], settings)
+
+    def own_nearest(images: np.ndarray, pid: str) -> float:
+        hits = 0
+        for x in images:
+            sims = {k: ssim(x, v) for k, v in train.items()}
+            hits += max(sims, key=sims.get) == pid
+        return hits / len(images)
+
     rows, grid = [], []
     for k, p in enumerate(with_img):
-        train = load_image(p.image, size)
+        t = train[p.id]
+        nb, na = own_nearest(before[k], p.id), own_nearest(after[k], p.id)
         rows.append({"id": p.id, "type": p.type,
-                     "ssim_train_before": float(np.mean([ssim(x, train) for x in before[k]])),
-                     "ssim_train_after": float(np.mean([ssim(x, train) for x in after[k]])),
+                     "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
+                     "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),
+                     "own_nearest_before": nb, "own_nearest_after": na,
+                     "reproduced_before": nb > 0.5, "reproduced_after": na > 0.5,
                      "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])})
         grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
-    return rows, grid
+    was = [r for r in rows if r["reproduced_before"]]
+    removed = sum(not r["reproduced_after"] for r in was)
+    summary = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
+               "guidance": settings.guidance, "reproduced_before": len(was),
+               "reproduced_after": sum(r["reproduced_after"] for r in rows),
+               "removed_share": removed / len(was) if was else 1.0, "rows": rows}
+    return summary, grid

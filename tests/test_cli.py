@@ -1,0 +1,111 @@
+"""The command line: help and version, and bad input ending in one line, a non-zero exit, no
+traceback and unchanged inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny_pipeline
+
+COMMANDS = ["calibrate", "detect", "localize", "merge", "apply", "verify", "export", "build"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_surgery.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def tree_hash(p: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_version_and_help_on_every_command():
+    from nemo_surgery import __version__
+
+    assert __version__ in run("--version").stdout
+    for cmd in COMMANDS:
+        proc = run(cmd, "--help")
+        assert proc.returncode == 0 and "Usage:" in proc.stdout, cmd
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("cli") / "model")
+
+
+def test_missing_model_and_bad_corpus(tmp_path, tiny_model):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    proc = run("detect", "--model", str(tmp_path / "nope"), "--corpus", str(ref), "--reference", str(ref),
+               "--out", str(tmp_path / "d.jsonl"))
+    assert_clean_error(proc, "model not found")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"Caption;type\n\"unclosed;VM\n")
+    before = tree_hash(bad)
+    proc = run("detect", "--model", str(tiny_model), "--corpus", str(bad), "--reference", str(ref),
+               "--out", str(tmp_path / "d.jsonl"))
+    assert_clean_error(proc, str(bad))
+    assert tree_hash(bad) == before
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_clean_error(run("detect", "--model", str(tiny_model), "--corpus", str(empty), "--reference", str(ref),
+                           "--out", str(tmp_path / "d.jsonl")), "empty")
+
+
+def test_apply_refuses_foreign_plan_and_existing_out(tmp_path, tiny_model):
+    plan = {"format": "nemo-surgery-plan", "version": 1,
+            "layers": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": [0, 99]}}
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(plan))
+    before = tree_hash(tiny_model)
+    assert_clean_error(run("apply", "--model", str(tiny_model), "--plan", str(p), "--out", str(tmp_path / "o")),
+                       "out of range")
+    plan["layers"] = {"down_blocks.9.attn2.to_v": [0]}
+    p.write_text(json.dumps(plan))
+    assert_clean_error(run("apply", "--model", str(tiny_model), "--plan", str(p), "--out", str(tmp_path / "o")),
+                       "unknown layer")
+    plan["layers"] = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": [1]}
+    p.write_text(json.dumps(plan))
+    out = tmp_path / "o"
+    assert run("apply", "--model", str(tiny_model), "--plan", str(p), "--out", str(out)).returncode == 0
+    assert_clean_error(run("apply", "--model", str(tiny_model), "--plan", str(p), "--out", str(out)), "exists")
+    proc = run("verify", "--original", str(tiny_model), "--cleaned", str(out), "--plan", str(p))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"]
+    p.write_text("{not json")
+    assert_clean_error(run("apply", "--model", str(tiny_model), "--plan", str(p), "--out", str(tmp_path / "o2")),
+                       "not valid JSON")
+    assert tree_hash(tiny_model) == before
+
+
+def test_pickle_model_refused(tmp_path):
+    d = save_tiny_pipeline(tmp_path / "pickled", safe_serialization=False)
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    assert_clean_error(run("calibrate", "--model", str(d), "--reference", str(ref)), "pickle")
+
+
+def test_build_refuses_existing_output(tmp_path, tiny_model):
+    out = tmp_path / "release"
+    out.mkdir()
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    assert_clean_error(run("build", "--model", str(tiny_model), "--corpus", str(ref), "--reference", str(ref),
+                           "--out", str(out)), "exists", "--force")

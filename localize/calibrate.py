@@ -119,4 +119,4 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
     mu, sd = float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
     return Calibration(model.fingerprint, reference_sha256, len(prompts), mean, std,
                        mu + THETA_MEM_STD * sd, mu, sd, [round(s, 6) for s in scores],
-                       scorer.settings.to_dict(), time.time() - t0)
+                       scorer.settings.to_dict() | {"score_prompts": score_prompts}, time.time() - t0)

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,26 @@ def apply_plan(plan: Plan, model: Path, out: Path, *, fmt: str | None = None,
     fmt = ckpt.kind if fmt is None else fmt
     if fmt not in FORMATS:
         raise NemoError(f"output format {fmt!r} is unknown (choose from {', '.join(FORMATS)})")
-    if fmt != ckpt.kind:
-        raise NemoError(f"{model}: converting a {ckpt.kind} checkpoint to {fmt} is not supported yet "
+    if fmt != ckpt.kind and fmt != "single":
+        raise NemoError(f"{model}: converting a {ckpt.kind} checkpoint to {fmt} is not supported "
                         f"(apply without a format to keep the input's)")
-    _check_out(model, out, ckpt.kind, force)
+    _check_out(model, out, fmt, force)
     zeroed = {name: list(rows) for name, rows in sorted(plan.layers.items()) if rows}
     _check_plan(plan, ckpt, model)
+    if fmt != ckpt.kind:
+        # Folder -> single file: rename into an LDM-keyed file beside `out`, then operate on that.
+        from .convert import to_single_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".safetensors", dir=out.parent)
+        os.close(fd)
+        converted = Path(tmp_name)
+        try:
+            to_single_file(model, converted)
+            res = apply_plan(plan, converted, out, force=force)
+        finally:
+            converted.unlink(missing_ok=True)
+        return ApplyResult(out, res.files, res.zeroed, res.plan_sha256, time.perf_counter() - start)
 
     plan_sha = plan.sha256()
     # The record names module paths whatever the key layout, and the whole plan in every rewritten

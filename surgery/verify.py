@@ -106,11 +106,12 @@ def check_weights(original: Path, cleaned: Path, plan: Plan) -> WeightCheck:
                 elif _digest(ta) != _digest(tb):
                     problems.append(f"{key}: changed but not in the plan")
     for a, b in other:
-        if a.suffix in (".json", ".txt", ".md") or b.exists():
-            if b.exists() and sha256_file(a) == sha256_file(b):
-                same_files += 1
-            elif not a.name.endswith(".index.json"):
-                problems.append(f"{b.relative_to(cleaned)}: differs from the input")
+        if not b.exists():
+            problems.append(f"{b.relative_to(cleaned)}: missing from output")
+        elif sha256_file(a) == sha256_file(b):
+            same_files += 1
+        else:
+            problems.append(f"{b.relative_to(cleaned)}: differs from the input")
     missing = set(plan.layers) - seen_layers
     if missing:
         problems.append(f"plan layers not found in the output: {sorted(missing)[:3]}")

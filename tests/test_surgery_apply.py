@@ -310,10 +310,11 @@ def test_second_weight_set_refused(tmp_path, folder):
         apply_plan(make_plan(digest), model, tmp_path / "out")
 
 
-def test_folder_to_single_file_not_supported_yet(tmp_path, folder):
-    model, digest = folder
-    with pytest.raises(NemoError, match="not supported yet"):
+def test_folder_to_single_file_needs_every_part(tmp_path, folder):
+    model, digest = folder  # a UNet alone cannot make a whole single-file checkpoint
+    with pytest.raises(NemoError, match="vae"):
         apply_plan(make_plan(digest), model, tmp_path / "out.safetensors", fmt="single")
+    assert not (tmp_path / "out.safetensors").exists()
     with pytest.raises(NemoError, match="unknown"):
         apply_plan(make_plan(digest), model, tmp_path / "out", fmt="onnx")
 
@@ -383,7 +384,7 @@ def test_single_file_errors(tmp_path):
         apply_plan(make_plan(None, {f"up_blocks.3.attentions.0.{P}": [8]}), src, out)
     with pytest.raises(NemoError, match=r"\.safetensors"):
         apply_plan(make_plan(), src, tmp_path / "edited.bin")
-    with pytest.raises(NemoError, match="not supported yet"):
+    with pytest.raises(NemoError, match="not supported"):
         apply_plan(make_plan(), src, tmp_path / "folder", fmt="diffusers")
     out.write_bytes(b"old")
     with pytest.raises(NemoError, match="exists"):

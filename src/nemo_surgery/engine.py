@@ -68,7 +68,6 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
             log(f"calibration: scored {i}/{n} reference prompts")
 
     cal = calibrate(model, scorer, [p.text for p in ref.prompts], ref.sha256, score_prompts, progress)
-    cal.score_settings = scorer.settings.to_dict() | {"score_prompts": score_prompts}
     cal.save(folder)
     log(f"calibration: theta_mem = {cal.theta_mem:.4f} (mean {cal.score_mean:.4f} + 1 std {cal.score_std:.4f}), "
         f"{cal.seconds:.1f} s, saved to {folder}")

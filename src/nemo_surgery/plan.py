@@ -92,7 +92,7 @@ class Plan:
                 raise NemoError(f"{where}: counts[{name!r}] must be an object")
             try:
                 counts[name] = {int(k): int(v) for k, v in per.items()}
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise NemoError(f"{where}: counts[{name!r}] must map neuron indices to integers") from None
         sections = {}
         for key in ("model", "corpus", "settings", "tool", "check"):

@@ -304,7 +304,8 @@ def _rewrite(header: Header, dst: Path, rows: dict[str, list[int]], extra_meta: 
     """Copy one safetensors file with a new header (same tensors, order and offsets; metadata
     extended) and the listed rows of the listed tensors zeroed."""
     src = header.path
-    new_head = encode_header(list(header.tensors.values()), {**header.metadata, **extra_meta})
+    new_head = encode_header(list(header.tensors.values()), {**header.metadata, **extra_meta},
+                             congruent_to=header.data_start)
     size = os.path.getsize(src)
     data_len = size - header.data_start
     with open(src, "rb") as fi, open(dst, "wb") as fo:

@@ -3,7 +3,8 @@
     python examples/demo/train.py --out examples/demo/model
 
 Deterministic for a seed on a given torch build and thread count (recorded in train_log.json).
-On 2 CPU cores the defaults take about 30 minutes. The output is a diffusers folder that
+On 2 CPU cores the defaults take about 33 minutes. The vocabulary is reused from the committed
+demo (`--tokenizer`), since a newly trained BPE vocabulary is not reproducible. The output is a diffusers folder that
 `StableDiffusionPipeline.from_pretrained` loads, plus `mem.csv` (the memorized captions, in the
 NeMo paper's format), `reference.csv` (never-trained prompts) and the memorized training images.
 """
@@ -15,6 +16,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -173,6 +175,10 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=2600)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parent / "model" / "tokenizer",
+                    help="reuse this CLIP tokenizer folder (default: the committed demo's); 'new' builds one. "
+                         "The tokenizers library breaks ties between equally frequent merges in hash order, "
+                         "so a new vocabulary differs from run to run; the committed one pins it.")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -185,7 +191,15 @@ def main() -> None:
         f"{len(data.reference)} reference prompts")
 
     texts = ([s.caption for s in data.vm + data.tm + data.procedural] + [p for p, _ in data.reference])
-    tokenizer = build_tokenizer(texts, model_dir / "tokenizer")
+    if str(args.tokenizer) != "new" and (args.tokenizer / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer, model_max_length=77)
+        (model_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for name in ("vocab.json", "merges.txt"):  # save_pretrained writes tokenizer.json only
+            if (args.tokenizer / name).resolve() != (model_dir / "tokenizer" / name).resolve():
+                shutil.copyfile(args.tokenizer / name, model_dir / "tokenizer" / name)
+        log(f"tokenizer: reusing {args.tokenizer} ({len(tokenizer)} tokens)")
+    else:
+        tokenizer = build_tokenizer(texts, model_dir / "tokenizer")
     text_encoder = make_text_encoder(len(tokenizer), tokenizer, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 

@@ -50,6 +50,7 @@ class BuildOptions:
     verify_reference_prompts: int = 64
     force: bool = False
     restart: bool = False
+    allow_outside_images: bool = False
 
 
 @dataclass
@@ -89,7 +90,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         log(f"== {name}: {what} ({now - t:.1f} s)")
         t = now
 
-    corpus = read_corpus(opts.corpus)
+    corpus = read_corpus(opts.corpus, allow_outside_images=opts.allow_outside_images)
     log(f"== corpus: {len(corpus.prompts)} prompts from {opts.corpus}"
         + (f" ({len(corpus.duplicates)} duplicates skipped)" if corpus.duplicates else ""))
     model = open_model(opts.model, opts.runtime)

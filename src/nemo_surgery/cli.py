@@ -95,6 +95,10 @@ def search_options(f: Callable) -> Callable:
     return f
 
 
+allow_outside = click.option("--allow-outside-images", is_flag=True,
+                             help="Accept corpus training-image paths outside the corpus file's folder.")
+
+
 def handle_errors(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -159,16 +163,17 @@ def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cach
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Prompts to test.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="detections.jsonl to write.")
 @click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
+@allow_outside
 @score_options
 @runtime_options
 @handle_errors
-def detect(model, corpus, out, restart, reference, seeds, timestep_index, calibration_prompts, cache_dir,
+def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, timestep_index, calibration_prompts, cache_dir,
            device, precision, batch_size, allow_pickle):
     """Memorization score of every prompt (seed consistency of the first denoising step)."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
-    c = read_corpus(corpus)
+    c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
                   calibration_prompts, cache_dir)
     recs = run_corpus(eng, c, out, localize=False, restart=restart, log=log)
@@ -181,18 +186,19 @@ def detect(model, corpus, out, restart, reference, seeds, timestep_index, calibr
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="results.jsonl to write.")
 @click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
+@allow_outside
 @score_options
 @search_options
 @runtime_options
 @handle_errors
-def localize(model, corpus, out, restart, reference, seeds, timestep_index, calibration_prompts, cache_dir,
+def localize(model, corpus, out, restart, allow_outside_images, reference, seeds, timestep_index, calibration_prompts, cache_dir,
              layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion, device, precision,
              batch_size, allow_pickle):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
-    c = read_corpus(corpus)
+    c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
                   calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
                   criterion)
@@ -221,11 +227,12 @@ def summarize_localization(recs: list[dict]) -> None:
 @click.option("--max-neurons", type=click.IntRange(1), default=None, help="Keep the K most needed neurons.")
 @click.option("--prune/--no-prune", default=True, show_default=True,
               help="Corpus-level pruning of the union.")
+@allow_outside
 @score_options
 @search_options
 @runtime_options
 @handle_errors
-def merge(model, corpus, results, out, min_prompts, max_neurons, prune, reference, seeds, timestep_index,
+def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_outside_images, reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
           device, precision, batch_size, allow_pickle):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
@@ -233,7 +240,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, referenc
     from .localize.merge import MergeSettings, make_plan
     from .localize.runner import make_header, open_results
 
-    c = read_corpus(corpus)
+    c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
                   calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
                   criterion)
@@ -328,12 +335,13 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @click.option("--base-model", default=None, help="Hub id of the base model, for the card.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
+@allow_outside
 @score_options
 @search_options
 @runtime_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
-          card_include_prompts, license_, base_model, force, restart, reference, seeds, timestep_index,
+          card_include_prompts, license_, base_model, force, restart, allow_outside_images, reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
           device, precision, batch_size, allow_pickle):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
@@ -350,7 +358,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
-        restart=restart)
+        restart=restart, allow_outside_images=allow_outside_images)
     s = run_build(opts, log)
     log("\n" + s.table())
     if s.releasable:

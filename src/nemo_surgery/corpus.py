@@ -402,7 +402,7 @@ def _check_image(value: Any, src: _Source, line: int) -> Path | None:
     if not inside and not src.allow_outside_images:
         raise src.error(
             f"training image {_show(name)} resolves outside the corpus folder {src.folder}"
-            " (refused; pass allow_outside_images to permit)",
+            " (refused; pass --allow-outside-images to permit)",
             line,
         )
     if not is_file:

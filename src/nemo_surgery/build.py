@@ -23,6 +23,7 @@ from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
 from .files import atomic_dir, clean_stale_tmp, sha256_file, write_json_atomic
 from .localize.merge import MergeSettings, as_neurons, make_plan
+from .localize.distributed import RaySettings, ray_stream
 from .localize.runner import run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
@@ -51,6 +52,7 @@ class BuildOptions:
     force: bool = False
     restart: bool = False
     allow_outside_images: bool = False
+    ray: RaySettings | None = None  # shard localization over Ray actors
 
 
 @dataclass
@@ -100,7 +102,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     stage("calibrate", f"theta_mem {engine.calibration.theta_mem:.4f} from {engine.calibration.n_reference} prompts")
 
     results_path = work / "results.jsonl"
-    records = run_corpus(engine, corpus, results_path, restart=opts.restart, log=log)
+    worker = ray_stream(engine, opts.model, opts.ray, log) if opts.ray else None
+    records = run_corpus(engine, corpus, results_path, restart=opts.restart, log=log, worker=worker)
     mem = [r for r in records if r["memorized"]]
     stage("localize", f"{len(mem)} of {len(records)} prompts memorized; "
           f"{sum(r.get('mitigated', False) for r in mem)} mitigated by their own set")

@@ -95,6 +95,27 @@ def search_options(f: Callable) -> Callable:
     return f
 
 
+def ray_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+                     help="Shard the corpus over Ray actors: --ray alone starts a local cluster, "
+                          "--ray ADDRESS joins one (needs nemo-surgery[ray])."),
+        click.option("--workers", type=click.IntRange(1), default=None,
+                     help="Ray actors (default: one per GPU, else 2 CPU actors)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _ray_worker(eng, model, ray_address, workers):
+    if not ray_address:
+        return None
+    from .localize.distributed import RaySettings, ray_stream
+
+    return ray_stream(eng, model, RaySettings(None if ray_address == "local" else ray_address, workers), log)
+
+
 allow_outside = click.option("--allow-outside-images", is_flag=True,
                              help="Accept corpus training-image paths outside the corpus file's folder.")
 
@@ -187,11 +208,12 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="results.jsonl to write.")
 @click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
 @allow_outside
+@ray_options
 @score_options
 @search_options
 @runtime_options
 @handle_errors
-def localize(model, corpus, out, restart, allow_outside_images, reference, seeds, timestep_index, calibration_prompts, cache_dir,
+def localize(model, corpus, out, restart, allow_outside_images, ray_address, workers, reference, seeds, timestep_index, calibration_prompts, cache_dir,
              layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion, device, precision,
              batch_size, allow_pickle):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
@@ -202,7 +224,8 @@ def localize(model, corpus, out, restart, allow_outside_images, reference, seeds
     eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
                   calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
                   criterion)
-    recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log)
+    recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log,
+                      worker=_ray_worker(eng, model, ray_address, workers))
     summarize_localization(recs)
 
 
@@ -336,17 +359,20 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
 @allow_outside
+@ray_options
 @score_options
 @search_options
 @runtime_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
-          card_include_prompts, license_, base_model, force, restart, allow_outside_images, reference, seeds, timestep_index,
+          card_include_prompts, license_, base_model, force, restart, allow_outside_images, ray_address, workers,
+          reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
           device, precision, batch_size, allow_pickle):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
     from .build import BuildOptions, build as run_build
     from .engine import Runtime
+    from .localize.distributed import RaySettings
     from .localize.merge import MergeSettings
     from .localize.settings import ScoreSettings, SearchSettings
 
@@ -358,7 +384,8 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
-        restart=restart, allow_outside_images=allow_outside_images)
+        restart=restart, allow_outside_images=allow_outside_images,
+        ray=RaySettings(None if ray_address == "local" else ray_address, workers) if ray_address else None)
     s = run_build(opts, log)
     log("\n" + s.table())
     if s.releasable:

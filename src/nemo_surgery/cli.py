@@ -120,6 +120,11 @@ allow_outside = click.option("--allow-outside-images", is_flag=True,
                              help="Accept corpus training-image paths outside the corpus file's folder.")
 
 
+def corpus_run_options(f: Callable) -> Callable:
+    """What `localize` and `build` share: corpus images, Ray, scoring, search and runtime flags."""
+    return allow_outside(ray_options(score_options(search_options(runtime_options(f)))))
+
+
 def handle_errors(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -207,15 +212,11 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="results.jsonl to write.")
 @click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
-@allow_outside
-@ray_options
-@score_options
-@search_options
-@runtime_options
+@corpus_run_options
 @handle_errors
-def localize(model, corpus, out, restart, allow_outside_images, ray_address, workers, reference, seeds, timestep_index, calibration_prompts, cache_dir,
-             layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion, device, precision,
-             batch_size, allow_pickle):
+def localize(model, corpus, out, restart, allow_outside_images, ray_address, workers, reference, seeds,
+             timestep_index, calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min,
+             top_k_step, criterion, device, precision, batch_size, allow_pickle):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
@@ -358,11 +359,7 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @click.option("--base-model", default=None, help="Hub id of the base model, for the card.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
-@allow_outside
-@ray_options
-@score_options
-@search_options
-@runtime_options
+@corpus_run_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
           card_include_prompts, license_, base_model, force, restart, allow_outside_images, ray_address, workers,

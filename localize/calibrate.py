@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..corpus import evenly_spaced
 from ..errors import NemoError
 from ..files import atomic_dir, canonical_json, sha256_bytes
 from ..model import Model
@@ -107,14 +108,13 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
         raise NemoError(f"calibration needs at least 2 reference prompts, got {len(prompts)}")
     t0 = time.time()
     mean, std = activation_stats(model, scorer, prompts)
-    n = min(score_prompts, len(prompts))
-    idx = sorted({round(i * (len(prompts) - 1) / max(1, n - 1)) for i in range(n)})
+    subset = evenly_spaced(prompts, score_prompts)
     scores = []
-    for i, k in enumerate(idx):
-        d = scorer.prompt_noise_diffs(scorer.embed([prompts[k]]))
-        scores.append(float(scorer.seed_scores(d).mean()))
+    for i, prompt in enumerate(subset):
+        d = scorer.prompt_noise_diffs(scorer.embed([prompt]))
+        scores.append(scorer.prompt_score(d))
         if progress:
-            progress(i + 1, len(idx))
+            progress(i + 1, len(subset))
     t = torch.tensor(scores, dtype=torch.float64)
     mu, sd = float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
     return Calibration(model.fingerprint, reference_sha256, len(prompts), mean, std,

@@ -122,6 +122,10 @@ class Scorer:
         best = best.scatter_reduce(0, i, s, reduce="amax").scatter_reduce(0, j, s, reduce="amax")
         return best
 
+    def prompt_score(self, d: torch.Tensor) -> float:
+        """A prompt's memorization score: the mean over its seeds of each seed's best MS-SSIM."""
+        return float(self.seed_scores(d).mean())
+
     def prompt_noise_diffs(self, emb: torch.Tensor) -> torch.Tensor:
         """Unblocked noise differences of one prompt embedding (1, 77, D) for every seed."""
         return self.noise_diff(emb.expand(len(self.latents), -1, -1), self.latents)

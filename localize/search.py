@@ -150,7 +150,7 @@ class Checker:
             n = len(self.groups[g])
             block, units = d[i:i + n], us[i:i + n]
             if self.consistency:
-                val = float(self.scorer.seed_scores(block).mean())
+                val = self.scorer.prompt_score(block)
             else:
                 val = float(self.scorer.similarity(torch.stack([u.d_ref for u in units]), block).max())
             out[c].append(val - units[0].offset)

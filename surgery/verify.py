@@ -143,7 +143,7 @@ def _scores(scorer: Scorer, prompts: list[str]) -> tuple[list[float], list[torch
     out, ds = [], []
     for p in prompts:
         d = scorer.prompt_noise_diffs(scorer.embed([p]))
-        out.append(float(scorer.seed_scores(d).mean()))
+        out.append(scorer.prompt_score(d))
         ds.append(d)
     return out, ds
 

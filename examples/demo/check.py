@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nemo_surgery.corpus import read_corpus
+from nemo_surgery.corpus import evenly_spaced, read_corpus
 from nemo_surgery.generation import GenSettings, generate, image_size, load_image, reconstruct, ssim
 from nemo_surgery.model import load_model
 
@@ -51,7 +51,7 @@ def main() -> int:
     recon = {k: reconstruct(model, v) for k, v in train.items()}
     ref = read_corpus(args.reference).prompts
     # Evenly over the reference file, so both of its styles are sampled.
-    held = [ref[round(i * (len(ref) - 1) / max(1, args.held_out - 1))].text for i in range(min(args.held_out, len(ref)))]
+    held = [p.text for p in evenly_spaced(list(ref), args.held_out)]
     gs = GenSettings(seeds=tuple(range(args.seeds)))
     imgs = generate(model, [p.text for p in mem] + held, gs)
 

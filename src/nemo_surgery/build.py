@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .corpus import read_corpus
+from .corpus import evenly_spaced, read_corpus
 from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
 from .files import atomic_dir, clean_stale_tmp, sha256_file, write_json_atomic
@@ -130,9 +130,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         weights = check_weights(opts.model, staged / "model", plan)
         cleaned = load_model(staged / "model", device=str(model.device), dtype=model.unet.dtype)
         mem_prompts = [p for p in corpus.prompts if p.id in {str(r["id"]) for r in mem}]
-        ref = read_corpus(opts.reference).prompts
-        n_ref = min(opts.verify_reference_prompts, len(ref))
-        ref_sample = [ref[round(i * (len(ref) - 1) / max(1, n_ref - 1))].text for i in range(n_ref)]
+        ref_sample = [p.text for p in evenly_spaced(list(read_corpus(opts.reference).prompts),
+                                                    opts.verify_reference_prompts)]
         equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
         mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
         gen, grid = generation_measures(model, cleaned, mem_prompts)

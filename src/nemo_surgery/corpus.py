@@ -91,6 +91,13 @@ def _error(shown: str, message: str, line: int | None = None) -> NemoError:
     return NemoError((where + message).translate(_LINE_BREAKS))
 
 
+def evenly_spaced(items: list, n: int) -> list:
+    """`n` items (or all, if fewer) spread evenly from first to last, in order: a subset that
+    covers every part of a file, whatever order its styles come in."""
+    n = min(n, len(items))
+    return [items[round(i * (len(items) - 1) / max(1, n - 1))] for i in range(n)]
+
+
 def read_corpus(
     path: Path | str, *, allow_outside_images: bool = False, max_line_bytes: int = 1_000_000
 ) -> Corpus:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text_atomic
-from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, flatten, fmt, neurons_of,
-                      pct, releasable_text, section, verification_rows)
+from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float, flatten, fmt,
+                      neurons_of, pct, releasable_text, section, verification_rows)
 
 TAGS = ("stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal")
 MAX_INDICES_SHOWN = 32  # per layer in the card; plan.json has them all
@@ -176,10 +176,36 @@ def _audit(info: ReleaseInfo) -> list[str]:
     if info.audit is None:
         return lines + ["Not run. No attempt was made to re-trigger the removed memorization with "
                         "optimized or perturbed prompt embeddings; see Limitations.", ""]
-    rows = info.audit_rows()
-    lines += ["Share of memorized prompts re-triggered by an adversarial search over the text embedding "
-              "within each perturbation budget:", ""]
-    return lines + _table(["Budget", "Re-trigger rate"], [[b, pct(r)] for b, r in rows])
+    a = info.audit
+    st = a.get("settings") or {}
+    lines += ["For each memorized prompt, a perturbation of its text embedding (L2 norm at most the budget times "
+              "the embedding's norm) was optimized to make the cleaned model denoise towards the memorized image; "
+              "the image counts as re-triggered when generations from the perturbed embedding are nearest to it "
+              "in more than half of the seeds. Controls from the same run: the same attack on the original model, "
+              "random perturbations of the same norm, and the attack towards images the model never trained on "
+              "(what such an optimization can draw anyway).", ""]
+    unp = a.get("unperturbed") or {}
+    if unp:
+        lines += [f"Without perturbation: {pct(as_float(unp.get('cleaned')))} re-triggered on the cleaned model, "
+                  f"{pct(as_float(unp.get('original')))} on the original.", ""]
+    lines += _table(["Budget", "Re-trigger rate (cleaned, attacked)", "Original, attacked", "Cleaned, random",
+                     "Never-trained targets"],
+                    [[b, pct(c), pct(o), pct(r), pct(n)] for b, c, o, r, n in info.audit_rows()])
+    facts = []
+    if a.get("memorized_targets") is not None:
+        facts.append(f"{a['memorized_targets']} memorized targets, {a.get('control_targets', 0)} never-trained targets")
+    if st:
+        gen = st.get("generation") or {}
+        facts.append(f"{st.get('steps')} attack steps, {len(gen.get('seeds') or [])} generation seeds, "
+                     f"attack seed {st.get('seed')}")
+    order = a.get("controls_in_order") or {}
+    if order:
+        bad = [b for b, ok in order.items() if ok is False]
+        facts.append("controls in the expected order (original >= cleaned >= random) at every budget" if not bad
+                     else f"controls NOT in the expected order at budget(s) {', '.join(bad)}")
+    if facts:
+        lines += ["; ".join(facts) + ". Every figure is in `audit.json`."]
+    return lines + [""]
 
 
 LIMITATIONS = [

@@ -31,6 +31,8 @@ class ReleaseInfo:
     audit: dict | None = None
     # (label, before (S, H, W, 3) float in [0, 1], after (S, H, W, 3))
     images: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # (label, unperturbed generation, attacked generations per budget) from the audit
+    audit_images: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def layers(self) -> dict[str, list[int]]:
         raw = self.plan.get("layers") or {}
@@ -73,16 +75,22 @@ class ReleaseInfo:
             return list(range(base, base + score["seeds"]))
         return None
 
-    def audit_rows(self) -> list[tuple[Any, float | None]]:
-        """(budget, re-trigger rate) in the audit's budget order; JSON turns numeric keys into
-        strings, so a budget is looked up both ways."""
+    def audit_rows(self) -> list[tuple[Any, float | None, float | None, float | None, float | None]]:
+        """(budget, cleaned, original, random perturbation, never-trained) re-trigger rates in the
+        audit's budget order; JSON turns numeric keys into strings, so a budget is looked up both
+        ways, and a missing figure is None."""
         if not self.audit:
             return []
-        rate = self.audit.get("rate") or {}
         budgets = self.audit.get("budgets")
         if not isinstance(budgets, list):
-            budgets = list(rate)
-        return [(b, as_float(rate.get(b, rate.get(str(b))))) for b in budgets]
+            budgets = list(self.audit.get("rate") or {})
+
+        def get(key: str, b: Any) -> float | None:
+            m = self.audit.get(key) or {}
+            return as_float(m.get(b, m.get(str(b)))) if isinstance(m, dict) else None
+
+        return [(b, get("rate", b), get("original_rate", b), get("random_rate", b), get("never_trained_rate", b))
+                for b in budgets]
 
     def onnx_reports(self) -> dict[str, dict]:
         """verify["onnx"] is one export report or a mapping of part -> report."""

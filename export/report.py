@@ -2,7 +2,7 @@
 that opens offline and from an archive, with nothing fetched from anywhere.
 
 Charts are drawn here in a few lines of SVG rather than with a plotting library: the page must
-not reference scripts or fonts, and the figures needed (bars, histogram, strip plot) are simple.
+not reference scripts or fonts, and the figures needed (bars, histogram, strip plot, lines) are simple.
 """
 
 from __future__ import annotations
@@ -98,6 +98,42 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, full_l
                      f'<text x="{left - 6}" y="{y + row * 0.7:.1f}" text-anchor="end">{_e(lab)}</text>'
                      f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="{COLORS["bar"]}"/>'
                      f'<text x="{left + w + 4:.1f}" y="{y + row * 0.7:.1f}">{_e(v)}</text></g>')
+    return _svg(CHART_W, h, "".join(parts), title)
+
+
+def line_chart(xs: Sequence[float], series: Sequence[tuple[str, Sequence[float | None], str]], title: str,
+               xlabel: str, ylabel: str) -> str:
+    """Lines of shares in [0, 1] over a few x values (drawn at even spacing), with a legend."""
+    series = [s for s in series if any(v is not None for v in s[1])]
+    if not xs or not series:
+        return '<p class="muted">No data.</p>'
+    left, right, top, bottom, h = 56, 170, 12, 40, 240
+    span_x, span_y = CHART_W - left - right, h - top - bottom
+
+    def X(i: int) -> float:
+        return left + (span_x * i / (len(xs) - 1) if len(xs) > 1 else span_x / 2)
+
+    def Y(v: float) -> float:
+        return top + span_y * (1 - v)
+
+    parts = [f'<line x1="{left}" y1="{Y(0)}" x2="{left + span_x}" y2="{Y(0)}" stroke="#999"/>']
+    for t in (0, 0.25, 0.5, 0.75, 1):
+        parts.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:.0%}</text>'
+                     f'<line x1="{left}" y1="{Y(t):.1f}" x2="{left + span_x}" y2="{Y(t):.1f}" stroke="#eee"/>')
+    for i, x in enumerate(xs):
+        parts.append(f'<text x="{X(i):.1f}" y="{Y(0) + 16:.1f}" text-anchor="middle">{_e(fmt(x))}</text>')
+    for k, (name, vs, color) in enumerate(series):
+        pts = [(X(i), Y(v)) for i, v in enumerate(vs) if v is not None]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                     + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"><title>{_e(name)}</title></circle>'
+                  for x, y in pts]
+        ly = top + 14 + 18 * k
+        parts.append(f'<line x1="{left + span_x + 12}" y1="{ly - 4}" x2="{left + span_x + 30}" y2="{ly - 4}" '
+                     f'stroke="{color}" stroke-width="2"/><text x="{left + span_x + 34}" y="{ly}">{_e(name)}</text>')
+    parts.append(f'<text x="{left + span_x / 2}" y="{h - 6}" text-anchor="middle">{_e(xlabel)}</text>'
+                 f'<text x="12" y="{top + span_y / 2}" transform="rotate(-90 12 {top + span_y / 2})" '
+                 f'text-anchor="middle">{_e(ylabel)}</text>')
     return _svg(CHART_W, h, "".join(parts), title)
 
 
@@ -207,13 +243,14 @@ def _samples(a: np.ndarray) -> list[np.ndarray]:
     return list(a) if a.ndim == 4 else [a]
 
 
-def image_grid(images: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> str:
+def image_grid(images: Sequence[tuple[str, np.ndarray, np.ndarray]],
+               rows: tuple[str, str] = ("before", "after")) -> str:
     if not images:
         return '<p class="muted">No generations recorded (no training images in the corpus, or no VAE).</p>'
     out = ['<div class="grid">']
     for label, before, after in images:
         out.append(f'<div class="pair"><div><b>{_e(label)}</b></div>')
-        for name, arr in (("before", before), ("after", after)):
+        for name, arr in zip(rows, (before, after)):
             imgs = "".join(f'<img alt="{_e(label)} {name} {k}" src="{png_data_uri(x)}">'
                            for k, x in enumerate(_samples(arr)))
             out.append(f'<div class="row"><span>{name}</span>{imgs}</div>')
@@ -282,7 +319,21 @@ def _generation(info: ReleaseInfo) -> str:
 def _audit(info: ReleaseInfo) -> str:
     if info.audit is None:
         return "<p>Not run.</p>"
-    return _table(["budget", "re-trigger rate"], [[b, pct(r)] for b, r in info.audit_rows()])
+    rows = info.audit_rows()
+    chart = line_chart([b for b, *_ in rows],
+                       [("original, attacked", [r[2] for r in rows], COLORS["before"]),
+                        ("cleaned, attacked", [r[1] for r in rows], COLORS["after"]),
+                        ("cleaned, random", [r[3] for r in rows], COLORS["bar"]),
+                        ("never-trained targets", [r[4] for r in rows], "#b9770e")],
+                       "Re-trigger rate against perturbation budget", "budget (fraction of the embedding norm)",
+                       "re-triggered")
+    table = _table(["budget", "cleaned, attacked", "original, attacked", "cleaned, random", "never-trained"],
+                   [[b, pct(c), pct(o), pct(r), pct(n)] for b, c, o, r, n in rows])
+    examples = ""
+    if info.audit_images:
+        examples = ("<h3>Cleaned model: unperturbed and attacked (first seed, one image per budget)</h3>"
+                    + image_grid(info.audit_images, ("unperturbed", "attacked")))
+    return chart + table + examples
 
 
 def _onnx(info: ReleaseInfo) -> str:

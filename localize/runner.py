@@ -69,7 +69,7 @@ def process_prompt(engine: Engine, prompt: Prompt, localize: bool = True) -> dic
     return {"kind": "prompt", **rec}
 
 
-def open_results(path: Path, header: dict, restart: bool) -> dict[str, dict]:
+def open_results(path: Path, header: dict, restart: bool, fmt: str = RESULTS_FORMAT) -> dict[str, dict]:
     """Records already in `path` for the same configuration; a different one is refused unless
     `restart`, which starts the file afresh."""
     path = Path(path)
@@ -81,21 +81,21 @@ def open_results(path: Path, header: dict, restart: bool) -> dict[str, dict]:
         append_jsonl(path, header)
         return {}
     old = records[0]
-    if old.get("kind") != "header" or old.get("format") != RESULTS_FORMAT:
-        raise NemoError(f"{path}: not a nemo-surgery results file; pass --restart to replace it")
+    if old.get("kind") != "header" or old.get("format") != fmt:
+        raise NemoError(f"{path}: not a {fmt} file; pass --restart to replace it")
     if old.get("config_sha256") != header["config_sha256"]:
         diff = sorted(k for k in header["config"] if old.get("config", {}).get(k) != header["config"][k])
         raise NemoError(f"{path}: was made with other settings ({', '.join(diff)} differ); "
                         f"pass --restart to discard it, or use another output")
     done: dict[str, dict] = {}
     for r in records[1:]:
-        if r.get("kind") == "prompt":
+        if r.get("kind") in ("prompt", "target"):
             done.setdefault(str(r["id"]), r)
     return done
 
 
-def make_header(config: dict) -> dict:
-    return {"kind": "header", "format": RESULTS_FORMAT, "version": 1, "tool": __version__,
+def make_header(config: dict, fmt: str = RESULTS_FORMAT) -> dict:
+    return {"kind": "header", "format": fmt, "version": 1, "tool": __version__,
             "config": config, "config_sha256": sha256_bytes(canonical_json(config).encode())}
 
 
@@ -115,6 +115,13 @@ def run_corpus(engine: Engine, corpus: Corpus, results: Path, *, localize: bool 
         done[str(rec["id"])] = rec
         log(describe(rec, len(done), n))
     return [done[p.id] for p in corpus.prompts if p.id in done]
+
+
+def records_digest(records: list[dict]) -> str:
+    """sha256 over the records without their timings: the same results give the same digest
+    however long they took, so a plan (and the weights it writes) is reproducible byte for byte."""
+    stable = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    return sha256_bytes(canonical_json(stable).encode())
 
 
 def describe(rec: dict, i: int, n: int) -> str:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from ..corpus import Prompt
 from ..errors import NemoError
 from ..files import sha256_file
-from ..generation import GenSettings, diversity, generate, load_image, image_size, ssim
+from ..generation import GenSettings, diversity, generate, image_size, load_image, nearest_share, ssim
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model
@@ -200,17 +200,10 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     before = generate(original, [p.text for p in with_img], settings)
     after = generate(cleaned, [p.text for p in with_img], settings)
 
-    def own_nearest(images: np.ndarray, pid: str) -> float:
-        hits = 0
-        for x in images:
-            sims = {k: ssim(x, v) for k, v in train.items()}
-            hits += max(sims, key=sims.get) == pid
-        return hits / len(images)
-
     rows, grid = [], []
     for k, p in enumerate(with_img):
         t = train[p.id]
-        nb, na = own_nearest(before[k], p.id), own_nearest(after[k], p.id)
+        nb, na = nearest_share(before[k], p.id, train), nearest_share(after[k], p.id, train)
         rows.append({"id": p.id, "type": p.type,
                      "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
                      "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),

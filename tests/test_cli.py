@@ -13,7 +13,7 @@ import pytest
 
 from tiny import save_tiny_pipeline
 
-COMMANDS = ["calibrate", "detect", "localize", "merge", "apply", "verify", "export", "build"]
+COMMANDS = ["calibrate", "detect", "localize", "merge", "apply", "verify", "export", "audit", "build"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -109,3 +109,35 @@ def test_build_refuses_existing_output(tmp_path, tiny_model):
     ref.write_text("a red circle\na blue square\n")
     assert_clean_error(run("build", "--model", str(tiny_model), "--corpus", str(ref), "--reference", str(ref),
                            "--out", str(out)), "exists", "--force")
+
+
+def test_bad_flags_end_in_one_line():
+    assert_clean_error(run("build", "--seeds", "x"), "nemo-surgery build", "--seeds")
+    assert_clean_error(run("build"), "Missing option '--model'")
+    assert_clean_error(run("audit", "--original", "a", "--cleaned", "b", "--corpus", "c", "--reference", "r",
+                           "--audit-budgets", "0.1,x"), "--audit-budgets", "comma-separated")
+    assert_clean_error(run("audit", "--original", "a", "--cleaned", "b", "--corpus", "c", "--reference", "r",
+                           "--audit-budgets", "-0.1"), "positive")
+    assert_clean_error(run("no-such-command"), "No such command")
+
+
+def test_audit_refuses_a_model_that_is_not_a_cleaned_copy(tmp_path, tiny_model):
+    from tiny import tiny_unet
+
+    other = save_tiny_pipeline(tmp_path / "other", seed=1)
+    tiny_unet("sd2").save_pretrained(other / "unet")  # value layers of another width
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red circle\n")
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"kind": "header"}) + "\n"
+                       + json.dumps({"kind": "prompt", "id": "1", "memorized": True}) + "\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    args = ["audit", "--original", str(tiny_model), "--corpus", str(corpus), "--reference", str(ref),
+            "--cache-dir", str(tmp_path / "cache"), "--calibration-prompts", "2", "--seeds", "2"]
+    assert_clean_error(run(*args, "--cleaned", str(other), "--results", str(results), "--out", str(tmp_path / "a.json")),
+                       "not a cleaned copy")
+    assert_clean_error(run(*args, "--cleaned", str(tiny_model), "--results", str(tmp_path / "none.jsonl")),
+                       "no such results file")
+    results.write_text(json.dumps({"kind": "header"}) + "\n")
+    assert_clean_error(run(*args, "--cleaned", str(tiny_model), "--results", str(results)), "no memorized prompts")

@@ -25,7 +25,9 @@ def bundle(tmp_path_factory):
     out = root / "release"
     cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL), "--corpus",
            str(DEMO / "mem.csv"), "--reference", str(DEMO / "reference.csv"), "--out", str(out),
-           "--cache-dir", str(root / "cache"), "--allow-partial"]
+           "--cache-dir", str(root / "cache"), "--allow-partial",
+           # A cut-down audit (the default attacks every memorized prompt at 3 budgets: minutes more).
+           "--audit-prompts", "3", "--audit-budgets", "0.2", "--audit-steps", "10", "--audit-controls", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stderr
@@ -33,7 +35,7 @@ def bundle(tmp_path_factory):
 
 def test_bundle_contents(bundle):
     out, log = bundle
-    for name in ("model/model_index.json", "plan.json", "results.jsonl", "verify.json", "README.md",
+    for name in ("model/model_index.json", "plan.json", "results.jsonl", "verify.json", "audit.json", "README.md",
                  "report.html", "SHA256SUMS"):
         assert (out / name).exists(), name
     assert "== verify" in log and "== localize" in log
@@ -70,6 +72,24 @@ def test_plan_verification_and_model_loads(bundle):
     img = pipe("a small red circle at the top left on blue background", num_inference_steps=5, height=64,
                width=64, output_type="np").images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_audit_in_bundle(bundle):
+    out, log = bundle
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["memorized_targets"] == 3 and audit["control_targets"] == 1
+    # The original reproduces its photos, so the attack on it must; the cleaned model may be
+    # re-triggered, but an attack should do at least as well as random noise of the same norm.
+    assert audit["original_rate"]["0.2"] >= 2 / 3
+    assert audit["original_rate"]["0.2"] >= audit["rate"]["0.2"] >= audit["random_rate"]["0.2"]
+    assert audit["controls_in_order"]["0.2"] is True
+    assert all(t["budgets"]["0.2"]["cleaned"]["loss_end"] < t["budgets"]["0.2"]["cleaned"]["loss_start"]
+               for t in audit["targets"])  # the attack optimizes
+    card = (out / "README.md").read_text()
+    rate = audit["rate"]["0.2"]
+    assert f"| 0.2 | {100 * rate:.1f}% |" in card and "Never-trained targets" in card
+    report = (out / "report.html").read_text()
+    assert "Re-trigger rate against perturbation budget" in report and "== audit" in log
 
 
 def test_batched_engine_matches_plain_algorithm_on_demo(tmp_path):

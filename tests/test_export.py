@@ -216,11 +216,28 @@ def test_card_prompts_only_when_included(tmp_path: Path) -> None:
     assert "Ocean \\| waves &lt;script&gt;" in shown and "<script>" not in shown
 
 
+AUDIT = {"budgets": [0.05, 0.2], "rate": {"0.05": 0.0, "0.2": 0.25}, "original_rate": {"0.05": 1.0, "0.2": 1.0},
+         "random_rate": {"0.05": 0.0, "0.2": 0.0}, "never_trained_rate": {"0.05": 0.5, "0.2": 0.75},
+         "unperturbed": {"cleaned": 0.0, "original": 0.75}, "memorized_targets": 4, "control_targets": 2,
+         "controls_in_order": {"0.05": True, "0.2": False},
+         "settings": {"steps": 30, "seed": 0, "generation": {"seeds": [0, 1, 2, 3]}}}
+
+
 def test_card_audit_table_and_sparse_input(tmp_path: Path) -> None:
     info = _info(audit={"budgets": [0.01, 0.1], "rate": {"0.01": 0.0, "0.1": 0.5}})
     write_model_card(tmp_path / "README.md", info)
     text = (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert "| 0.01 | 0.0% |" in text and "| 0.1 | 50.0% |" in text and "Not run" not in text
+    assert "| 0.01 | 0.0% | n/a | n/a | n/a |" in text and "| 0.1 | 50.0% |" in text and "Not run" not in text
+    write_model_card(tmp_path / "full.md", _info(audit=AUDIT))
+    full = (tmp_path / "full.md").read_text(encoding="utf-8")
+    assert "| 0.05 | 0.0% | 100.0% | 0.0% | 50.0% |" in full and "| 0.2 | 25.0% | 100.0% | 0.0% | 75.0% |" in full
+    assert "Without perturbation: 0.0% re-triggered on the cleaned model, 75.0% on the original" in full
+    assert "4 memorized targets, 2 never-trained targets" in full and "NOT in the expected order at budget(s) 0.2" in full
+    write_report(tmp_path / "r.html", _info(audit=AUDIT, audit_images=[
+        ("p1: unperturbed / attacked", np.zeros((1, 64, 64, 3)), np.ones((2, 64, 64, 3)))]))
+    html_text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "Re-trigger rate against perturbation budget" in html_text and "<polyline" in html_text
+    assert len(_data_uris(html_text)) == 4 + 3 and "attacked" in html_text
     bare = ReleaseInfo(model_name="m", base_model=None, license=None, tool_version="0", model_fingerprint="x",
                        plan={}, plan_sha256="y", results=[], verify={})
     write_model_card(tmp_path / "bare.md", bare)

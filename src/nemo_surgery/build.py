@@ -21,13 +21,14 @@ from . import __version__
 from .corpus import evenly_spaced, read_corpus
 from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
-from .files import atomic_dir, clean_stale_tmp, sha256_file, write_json_atomic
+from .files import atomic_dir, clean_stale_tmp, write_json_atomic
 from .localize.merge import MergeSettings, as_neurons, make_plan
 from .localize.distributed import RaySettings, ray_stream
-from .localize.runner import run_corpus
+from .localize.runner import records_digest, run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
 from .plan import Plan
+from .surgery.audit import AuditSettings
 
 
 @dataclass
@@ -53,6 +54,8 @@ class BuildOptions:
     restart: bool = False
     allow_outside_images: bool = False
     ray: RaySettings | None = None  # shard localization over Ray actors
+    audit: AuditSettings | None = field(default_factory=AuditSettings)  # None: skipped
+    control_images: Path | None = None
 
 
 @dataclass
@@ -109,11 +112,11 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
           f"{sum(r.get('mitigated', False) for r in mem)} mitigated by their own set")
 
     plan_path = work / "plan.json"
-    results_sha = sha256_file(results_path)
+    results_sha = records_digest(records)
     plan = _load_matching_plan(plan_path, results_sha, opts.merge)
     if plan is None:
         plan = make_plan(engine, corpus, records, opts.merge, log)
-        plan.settings["results_sha256"] = results_sha
+        plan.settings["results_digest"] = results_sha
         plan.save(plan_path)
     ch = plan.check
     stage("merge", f"{ch['union_neurons']} neurons in the union -> {plan.n_neurons} in the plan; "
@@ -152,6 +155,30 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
               f"training images reproduced {gen.get('reproduced_before', 0)} before, "
               f"{gen.get('reproduced_after', 0)} after")
 
+        audit, examples = None, []
+        if opts.audit is not None and mem_prompts:
+            from .localize.score import Scorer
+            from .surgery.audit import run_audit
+
+            ref_prompts = [p.text for p in read_corpus(opts.reference).prompts]
+            clean_scorer = Scorer(cleaned, engine.scorer.settings, engine.scorer.batch_size,
+                                  engine.scorer.autocast_dtype)
+            try:
+                audit, examples = run_audit(
+                    model, cleaned, mem_prompts, ref_prompts, engine.calibration.reference_scores,
+                    opts.calibration_prompts, work / "audit.jsonl", opts.audit,
+                    theta_mem=engine.calibration.theta_mem, scorers={"original": engine.scorer, "cleaned": clean_scorer},
+                    control_images=opts.control_images, restart=opts.restart, log=log)
+            finally:
+                clean_scorer.close()
+            write_json_atomic(staged / "audit.json", audit)
+            top = str(opts.audit.budgets[-1])
+            stage("audit", f"re-triggered at budget {top}: cleaned {_pct(audit['rate'][top])}, original "
+                  f"{_pct(audit['original_rate'][top])}, random {_pct(audit['random_rate'][top])}, "
+                  f"never-trained {_pct(audit['never_trained_rate'][top])}")
+        elif opts.audit is None:
+            log("== audit: skipped (--no-audit); the model card says so")
+
         if opts.onnx:
             from .export.onnx import export_unet
 
@@ -161,7 +188,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         write_json_atomic(staged / "verify.json", verify)
         plan.save(staged / "plan.json")
         shutil.copyfile(results_path, staged / "results.jsonl")
-        _write_docs(staged, opts, model, plan, records, verify, grid)
+        _write_docs(staged, opts, model, plan, records, verify, grid, audit, examples)
         write_sha256sums(staged)
         stage("export", "bundle with model card, report and SHA256SUMS")
     shutil.rmtree(work, ignore_errors=True)
@@ -175,13 +202,17 @@ def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> P
         plan = Plan.load(path)
     except NemoError:
         return None
-    if plan.settings.get("results_sha256") != results_sha or plan.settings.get("merge") != asdict(merge):
+    if plan.settings.get("results_digest") != results_sha or plan.settings.get("merge") != asdict(merge):
         return None
     return plan
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: list[dict], verify: dict,
-                grid: list) -> None:
+                grid: list, audit: dict | None, examples: list) -> None:
     from .export.card import write_model_card
     from .export.records import ReleaseInfo
     from .export.report import write_report
@@ -189,7 +220,8 @@ def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: li
     info = ReleaseInfo(model_name=Path(opts.model).name, base_model=opts.base_model, license=opts.license,
                        tool_version=__version__, model_fingerprint=model.fingerprint, plan=plan.to_dict(),
                        plan_sha256=plan.sha256(), results=records, verify=verify,
-                       include_prompts=opts.card_include_prompts, audit=None, images=grid)
+                       include_prompts=opts.card_include_prompts, audit=audit, images=grid,
+                       audit_images=examples)
     write_model_card(staged / "README.md", info)
     write_report(staged / "report.html", info)
 

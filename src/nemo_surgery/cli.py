@@ -120,6 +120,46 @@ allow_outside = click.option("--allow-outside-images", is_flag=True,
                              help="Accept corpus training-image paths outside the corpus file's folder.")
 
 
+def _budgets(ctx, param, value: str) -> tuple[float, ...]:  # noqa: ARG001
+    try:
+        out = tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers such as 0.05,0.1,0.2") from None
+    if not out or any(not 0 < b <= 10 for b in out):
+        raise click.BadParameter(f"{value!r}: budgets must be positive fractions of the embedding norm")
+    return out
+
+
+def audit_options(f: Callable) -> Callable:
+    opts = [
+        click.option("--audit-budgets", default="0.05,0.1,0.2", show_default=True, callback=_budgets,
+                     help="Perturbation budgets, as fractions of the prompt embedding's L2 norm."),
+        click.option("--audit-steps", type=click.IntRange(1), default=30, show_default=True,
+                     help="Gradient steps per attack."),
+        click.option("--audit-prompts", type=click.IntRange(1), default=32, show_default=True,
+                     help="Audit at most this many memorized prompts (evenly spaced)."),
+        click.option("--audit-controls", type=click.IntRange(0), default=4, show_default=True,
+                     help="Never-trained targets attacked as a control."),
+        click.option("--audit-seeds", type=click.IntRange(1), default=4, show_default=True,
+                     help="Generation seeds per decision."),
+        click.option("--audit-seed", type=int, default=0, show_default=True, help="Seed of the attacks."),
+        click.option("--control-images", type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     default=None, help="Folder of never-trained images for the control (default: what the "
+                                        "original draws for the least memorized reference prompts)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed):
+    from .generation import GenSettings
+    from .surgery.audit import AuditSettings
+
+    return AuditSettings(budgets=audit_budgets, steps=audit_steps, seed=audit_seed, controls=audit_controls,
+                         max_prompts=audit_prompts, generation=GenSettings(seeds=tuple(range(audit_seeds))))
+
+
 def corpus_run_options(f: Callable) -> Callable:
     """What `localize` and `build` share: corpus images, Ray, scoring, search and runtime flags."""
     return allow_outside(ray_options(score_options(search_options(runtime_options(f)))))
@@ -344,6 +384,64 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 
 
 @cli.command()
+@click.option("--original", type=click.Path(path_type=Path), required=True, help="The input model folder.")
+@click.option("--cleaned", type=click.Path(path_type=Path), required=True, help="The cleaned model folder.")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
+@click.option("--results", type=click.Path(path_type=Path), default=None,
+              help="results.jsonl of localize/build: which prompts are memorized (default: detect them).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("audit.json"), show_default=True,
+              help="audit.json to write; per-target progress goes to OUT.partial.jsonl and is resumed.")
+@click.option("--restart", is_flag=True, help="Discard earlier per-target results.")
+@audit_options
+@allow_outside
+@score_options
+@runtime_options
+@handle_errors
+def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit_steps, audit_prompts,
+          audit_controls, audit_seeds, audit_seed, control_images, allow_outside_images, reference, seeds,
+          timestep_index, calibration_prompts, cache_dir, device, precision, batch_size, allow_pickle):
+    """Attack the cleaned model: can perturbed prompt embeddings re-trigger memorized images?"""
+    from .corpus import read_corpus
+    from .engine import Runtime, open_model
+    from .files import read_jsonl, write_json_atomic
+    from .localize.runner import process_prompt
+    from .localize.score import Scorer
+    from .surgery.audit import run_audit, summary_text
+
+    settings = _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed)
+    c = read_corpus(corpus, allow_outside_images=allow_outside_images)
+    eng = _engine(original, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+                  calibration_prompts, cache_dir)
+    if results is not None:
+        if not Path(results).is_file():
+            raise NemoError(f"{results}: no such results file")
+        ids = {str(r["id"]) for r in read_jsonl(Path(results)) if r.get("kind") == "prompt" and r.get("memorized")}
+    else:
+        ids = set()
+        for i, p in enumerate(c.prompts, 1):
+            rec = process_prompt(eng, p, localize=False)
+            log(f"[{i}/{len(c.prompts)}] detect {p.text[:40]!r}: score {rec['score']:.3f}"
+                + (" memorized" if rec["memorized"] else ""))
+            if rec["memorized"]:
+                ids.add(p.id)
+    mem = [p for p in c.prompts if p.id in ids]
+    if not mem:
+        raise NemoError(f"{corpus}: no memorized prompts to audit")
+    clean = open_model(cleaned, Runtime(device, precision, batch_size, allow_pickle))
+    ref = read_corpus(reference).prompts
+    scorers = {"original": eng.scorer, "cleaned": Scorer(clean, eng.scorer.settings, batch_size,
+                                                        eng.scorer.autocast_dtype)}
+    partial = Path(str(out) + ".partial.jsonl")
+    result, _ = run_audit(eng.model, clean, mem, [p.text for p in ref], eng.calibration.reference_scores,
+                          calibration_prompts, partial, settings, theta_mem=eng.calibration.theta_mem,
+                          scorers=scorers, control_images=control_images, restart=restart, log=log)
+    write_json_atomic(out, result)
+    partial.unlink(missing_ok=True)
+    log(summary_text(result))
+    log(f"written: {out}")
+
+
+@cli.command()
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Release bundle folder.")
@@ -359,10 +457,15 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @click.option("--base-model", default=None, help="Hub id of the base model, for the card.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
+@click.option("--audit/--no-audit", default=True, show_default=True,
+              help="Try to re-trigger the removed memorization with optimized embedding perturbations.")
+@audit_options
 @corpus_run_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
-          card_include_prompts, license_, base_model, force, restart, allow_outside_images, ray_address, workers,
+          card_include_prompts, license_, base_model, force, restart, audit, audit_budgets, audit_steps,
+          audit_prompts, audit_controls, audit_seeds, audit_seed, control_images,
+          allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
           device, precision, batch_size, allow_pickle):
@@ -382,6 +485,8 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
         restart=restart, allow_outside_images=allow_outside_images,
+        audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed)
+        if audit else None, control_images=control_images,
         ray=RaySettings(None if ray_address == "local" else ray_address, workers) if ray_address else None)
     s = run_build(opts, log)
     log("\n" + s.table())
@@ -395,9 +500,20 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
 
 def main() -> None:
     try:
-        cli.main(prog_name="nemo-surgery")
+        rc = cli.main(prog_name="nemo-surgery", standalone_mode=False)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # bare `nemo-surgery`: show the help
+        click.echo(e.format_message())
+        sys.exit(0)
+    except click.UsageError as e:  # a bad flag: one line naming the command and the problem
+        where = e.ctx.command_path if e.ctx else "nemo-surgery"
+        sys.exit(_fail(f"{where}: {e.format_message()} (see --help)", 2))
+    except click.Abort:
+        sys.exit(_fail("interrupted", 130))
+    except click.ClickException as e:
+        sys.exit(_fail(e.format_message(), e.exit_code))
     except NemoError as e:  # raised outside a command body (e.g. while parsing)
         sys.exit(_fail(str(e), e.exit_code))
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from .errors import NemoError
 from .model import Model
 
 GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance for sampling
@@ -42,21 +43,41 @@ def image_size(model: Model) -> int:
 @torch.no_grad()
 def generate(model: Model, prompts: list[str], settings: GenSettings = GenSettings(),
              batch: int = 64) -> np.ndarray:
-    """Images for every (prompt, seed): float array (prompts, seeds, H, W, 3) in [0, 1]. Seeds
-    come from CPU generators, so the same seed gives the same image on any device."""
+    """Images for every (prompt, seed): float array (prompts, seeds, H, W, 3) in [0, 1]."""
     pipe = pipeline(model)
+    emb, uncond = pipe.encode_prompt(prompts, model.device, 1, True)
+    return generate_embeddings(model, emb, uncond[:1], settings, batch, pipe)
+
+
+def encode(model: Model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings (N, 77, D), the empty prompt's embedding (1, 77, D)) exactly as the
+    pipeline computes them, so that sampling from embeddings matches sampling from text."""
+    pipe = pipeline(model)
+    with torch.no_grad():
+        emb, uncond = pipe.encode_prompt(prompts, model.device, 1, True)
+    return emb, uncond[:1]
+
+
+@torch.no_grad()
+def generate_embeddings(model: Model, emb: torch.Tensor, uncond: torch.Tensor,
+                        settings: GenSettings = GenSettings(), batch: int = 64, pipe=None) -> np.ndarray:
+    """Images for every (embedding, seed) with classifier-free guidance against `uncond`. Seeds
+    come from CPU generators, so the same seed gives the same image on any device."""
+    pipe = pipe or pipeline(model)
     size = image_size(model)
-    pairs = [(p, s) for p in prompts for s in settings.seeds]
+    pairs = [(i, s) for i in range(len(emb)) for s in settings.seeds]
+    c, n = model.unet.config.in_channels, model.latent_size
     out = []
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
+    for k in range(0, len(pairs), batch):
+        chunk = pairs[k:k + batch]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
-        c, n = model.unet.config.in_channels, model.latent_size
         lat = torch.stack([torch.randn((c, n, n), generator=g) for g in gens]).to(model.device, model.unet.dtype)
-        imgs = pipe([p for p, _ in chunk], height=size, width=size, num_inference_steps=settings.steps,
+        e = emb[[i for i, _ in chunk]].to(model.device, model.unet.dtype)
+        imgs = pipe(prompt_embeds=e, negative_prompt_embeds=uncond.to(e).expand(len(e), -1, -1),
+                    height=size, width=size, num_inference_steps=settings.steps,
                     guidance_scale=settings.guidance, latents=lat, output_type="np").images
         out.append(imgs)
-    return np.concatenate(out).reshape(len(prompts), len(settings.seeds), size, size, 3).astype(np.float32)
+    return np.concatenate(out).reshape(len(emb), len(settings.seeds), size, size, 3).astype(np.float32)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,7 +85,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    img = Image.open(path).convert("RGB")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for unreadable files
+        raise NemoError(f"{path}: not a readable image ({type(e).__name__})") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.float32) / 255.0
@@ -77,6 +101,16 @@ def reconstruct(model: Model, image: np.ndarray) -> np.ndarray:
     z = model.vae.encode(x).latent_dist.mean
     y = model.vae.decode(z).sample
     return ((y[0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)
+
+
+def nearest_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray]) -> float:
+    """Share of `images` whose most similar candidate (SSIM) is `own`: the generation-level test of
+    whether a prompt draws its training image rather than merely something like it."""
+    hits = 0
+    for x in images:
+        sims = {k: ssim(x, v) for k, v in candidates.items()}
+        hits += max(sims, key=sims.get) == own
+    return hits / len(images)
 
 
 def diversity(images: np.ndarray) -> float:

@@ -1,0 +1,334 @@
+"""Adversarial re-trigger audit: can a small perturbation of a memorized prompt's text embedding
+bring the removed image back?
+
+Follow-up work by NeMo's authors ("Finding Dori", 2025) showed that after neuron pruning,
+optimized embedding perturbations re-trigger memorized images. A release that claims the
+memorization is gone must have tried that attack. For every memorized prompt:
+
+- target: its training image when the corpus names one, else what the original model draws for
+  it (first generation seed);
+- attack: projected gradient descent on a perturbation delta of the prompt's text embedding e,
+  ||delta|| <= budget * ||e|| (L2 over the whole 77 x D embedding), minimizing the model's
+  denoising loss on the target's latents over random timesteps and noises;
+- decision: generate from e + delta with several seeds (the sampling of verification) and count
+  the target as re-triggered when it is the nearest (SSIM) of all audit targets in more than half
+  of the seeds, verification's generation-level test.
+
+Controls, from the same run, give the figure its meaning: the attack on the original model (an
+upper bound), random perturbations of the same norm on the cleaned model (the attack must beat
+them), and the attack towards images the model never trained on (what any embedding
+optimization can draw anyway). Results are appended per target to a JSONL file and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..corpus import Prompt, evenly_spaced
+from ..errors import NemoError
+from ..files import append_jsonl
+from ..generation import GenSettings, encode, generate_embeddings, image_size, load_image, nearest_share, ssim
+from ..localize.runner import make_header, open_results
+from ..localize.score import Scorer
+from ..model import Model
+
+AUDIT_FORMAT = "nemo-surgery-audit"
+BUDGETS = (0.05, 0.1, 0.2)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    budgets: tuple[float, ...] = BUDGETS
+    steps: int = 30  # gradient steps per attack
+    timesteps: int = 4  # (timestep, noise) draws averaged per step
+    seed: int = 0
+    controls: int = 4  # never-trained targets
+    max_prompts: int | None = None  # audit an evenly spaced subset of the memorized prompts
+    generation: GenSettings = field(default_factory=GenSettings)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["budgets"] = list(self.budgets)
+        d["generation"]["seeds"] = list(self.generation.seeds)
+        d["norm"] = "L2 over the whole text embedding; budget relative to the prompt embedding's norm"
+        d["decision"] = "target nearest (SSIM) of all audit targets in more than half of the seeds"
+        return d
+
+
+@dataclass
+class Target:
+    id: str
+    role: str  # "memorized" or "control"
+    prompt: str  # the prompt whose embedding is perturbed
+    source: str  # where the target image comes from
+    image: np.ndarray  # (H, W, 3) float in [0, 1]
+
+
+def _seed(settings: AuditSettings, target_id: str) -> int:
+    # Stable per target (not per position), so a resumed or subset run draws the same noises.
+    return settings.seed * 1_000_003 + zlib.crc32(target_id.encode())
+
+
+@torch.no_grad()
+def latents_of(model: Model, image: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(model.device, model.vae.dtype) * 2 - 1
+    return model.vae.encode(x).latent_dist.mean * model.vae.config.scaling_factor
+
+
+def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budget: float, settings: AuditSettings,
+           seed: int) -> tuple[torch.Tensor, float, float]:
+    """L2 projected gradient descent on delta; returns (delta, loss at delta = 0, loss at the end),
+    the losses averaged over the same fixed draws of timesteps and noises."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(model.scheduler_config)
+    unet = model.unet
+    dev, dt = model.device, unet.dtype
+    g = torch.Generator().manual_seed(seed)
+    k, steps = settings.timesteps, settings.steps
+    ts = torch.randint(0, sched.config.num_train_timesteps, (steps, k), generator=g)
+    noises = torch.randn((steps, k, *z0.shape[1:]), generator=g)
+    radius = budget * float(emb.float().norm())
+    alpha = 2.5 * radius / max(1, steps)  # lets PGD cross the ball in under half the steps
+    emb = emb.detach().to(dev, torch.float32)
+    z0 = z0.detach().to(dev, torch.float32)
+    eval_ts, eval_noise = ts[:2].reshape(-1), noises[:2].reshape(-1, *z0.shape[1:])
+
+    def loss_at(delta: torch.Tensor, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        n = n.to(dev)
+        t = t.to(dev)
+        x = sched.add_noise(z0.expand(len(t), -1, -1, -1), n, t)
+        want = n if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0.expand_as(n), n, t)
+        e = (emb + delta).expand(len(t), -1, -1)
+        pred = unet(x.to(dt), t, encoder_hidden_states=e.to(dt)).sample
+        return torch.nn.functional.mse_loss(pred.float(), want.float())
+
+    req = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    try:
+        delta = torch.zeros_like(emb)
+        with torch.no_grad():
+            start = float(loss_at(delta, eval_ts, eval_noise))
+        for s in range(steps):
+            delta.requires_grad_(True)
+            (grad,) = torch.autograd.grad(loss_at(delta, ts[s], noises[s]), delta)
+            with torch.no_grad():
+                delta = delta - alpha * grad / grad.norm().clamp_min(1e-12)
+                n = float(delta.norm())
+                if n > radius:
+                    delta = delta * (radius / n)
+            delta = delta.detach()
+        with torch.no_grad():
+            end = float(loss_at(delta, eval_ts, eval_noise))
+    finally:
+        for p, r in zip(unet.parameters(), req):
+            p.requires_grad_(r)
+    return delta.cpu(), start, end
+
+
+def random_perturbation(emb: torch.Tensor, budget: float, seed: int) -> torch.Tensor:
+    d = torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed))
+    return d * (budget * float(emb.float().norm()) / float(d.norm()))
+
+
+def memorized_targets(original: Model, prompts: list[Prompt], settings: AuditSettings) -> list[Target]:
+    size = image_size(original)
+    need = [p for p in prompts if p.image is None]
+    drawn: dict[str, np.ndarray] = {}
+    if need:
+        gen = dataclasses.replace(settings.generation, seeds=settings.generation.seeds[:1])
+        emb, uncond = encode(original, [p.text for p in need])
+        drawn = {p.id: im[0] for p, im in zip(need, generate_embeddings(original, emb, uncond, gen))}
+    return [Target(p.id, "memorized", p.text, f"training image {p.image.name}", load_image(p.image, size))
+            if p.image is not None else
+            Target(p.id, "memorized", p.text, f"original model, seed {settings.generation.seeds[0]}", drawn[p.id])
+            for p in prompts]
+
+
+def control_targets(original: Model, reference: list[str], reference_scores: list[float], score_prompts: int,
+                    memorized: list[Target], settings: AuditSettings, images: Path | None = None) -> list[Target]:
+    """Images the model never trained on, each attacked from a memorized prompt's embedding: given
+    image files, or else what the original draws for the reference prompts that calibration found
+    least memorized (their generations are the model's own, not copies of training data)."""
+    n = settings.controls
+    if n <= 0 or not memorized:
+        return []
+    size = image_size(original)
+    starts = [memorized[i % len(memorized)].prompt for i in range(n)]
+    if images is not None:
+        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
+        if not files:
+            raise NemoError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) for the never-trained control")
+        return [Target(f"control:{f.stem}", "control", s, f"image file {f.name}", load_image(f, size))
+                for f, s in zip(files, starts)]
+    scored = evenly_spaced(reference, score_prompts)[:len(reference_scores)]
+    order = sorted(range(len(scored)), key=lambda i: (reference_scores[i], i))[:n]
+    texts = [scored[i] for i in order]
+    gen = dataclasses.replace(settings.generation, seeds=settings.generation.seeds[:1])
+    emb, uncond = encode(original, texts)
+    imgs = generate_embeddings(original, emb, uncond, gen)
+    return [Target(f"control:{i}", "control", s, f"original model for reference prompt {t!r}, seed {gen.seeds[0]}",
+                   im[0]) for i, (t, im, s) in enumerate(zip(texts, imgs, starts))]
+
+
+def _cell(images: np.ndarray, target: Target, candidates: dict[str, np.ndarray], extra: dict | None = None) -> dict:
+    share = nearest_share(images, target.id, candidates)
+    return {"retriggered": share > 0.5, "nearest_share": round(share, 4),
+            "ssim": round(float(np.mean([ssim(x, target.image) for x in images])), 4), **(extra or {})}
+
+
+def audit_target(original: Model, cleaned: Model, target: Target, candidates: dict[str, np.ndarray],
+                 settings: AuditSettings, scorers: dict[str, Scorer] | None = None,
+                 theta_mem: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """One target's record and its example images (perturbed generations per condition)."""
+    t0 = time.perf_counter()
+    seed = _seed(settings, target.id)
+    emb, uncond = encode(original, [target.prompt])
+    z0 = latents_of(original, target.image)
+    models = {"cleaned": cleaned} if target.role == "control" else {"cleaned": cleaned, "original": original}
+    embs: dict[str, list[torch.Tensor]] = {m: [] if target.role == "control" else [emb[0]] for m in models}
+    losses: dict[str, list] = {m: [] for m in models}
+    for b in settings.budgets:
+        for name, m in models.items():
+            delta, l0, l1 = attack(m, emb, z0, b, settings, seed)
+            embs[name].append((emb + delta)[0])
+            losses[name].append((round(l0, 6), round(l1, 6)))
+    if target.role == "memorized":
+        embs["random"] = [(emb + random_perturbation(emb, b, seed + 1))[0] for b in settings.budgets]
+    # One sampling call per model: larger batches are what makes sampling cheap.
+    imgs: dict[str, np.ndarray] = {}
+    for m, names in ((cleaned, [n for n in ("cleaned", "random") if n in embs]),
+                     (original, [n for n in ("original",) if n in embs])):
+        if not names:
+            continue
+        out = generate_embeddings(m, torch.stack([e for n in names for e in embs[n]]), uncond, settings.generation)
+        for n in names:
+            imgs[n], out = out[:len(embs[n])], out[len(embs[n]):]
+
+    def score(name: str, e: torch.Tensor) -> dict:
+        if not scorers or name not in scorers:
+            return {}
+        s = scorers[name].prompt_score(scorers[name].prompt_noise_diffs(e[None]))
+        return {"score": round(s, 6), "score_memorized": s > theta_mem}
+
+    off = 0 if target.role == "control" else 1
+    rec: dict = {"kind": "target", "id": target.id, "role": target.role, "prompt": target.prompt,
+                 "source": target.source, "budgets": {}}
+    if off:
+        rec["unperturbed"] = {name: _cell(imgs[name][0], target, candidates, score(name, embs[name][0]))
+                              for name in models}
+    for k, b in enumerate(settings.budgets):
+        row = {}
+        for name in models:
+            row[name] = _cell(imgs[name][off + k], target, candidates,
+                              {"loss_start": losses[name][k][0], "loss_end": losses[name][k][1]}
+                              | score(name, embs[name][off + k]))
+        if "random" in imgs:
+            row["random"] = _cell(imgs["random"][k], target, candidates)
+        rec["budgets"][str(b)] = row
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec, {name: imgs[name] for name in imgs}
+
+
+def summarize(records: list[dict], settings: AuditSettings) -> dict:
+    mem = [r for r in records if r["role"] == "memorized"]
+    ctl = [r for r in records if r["role"] == "control"]
+
+    def rate(rs: list[dict], b: float | None, cond: str) -> float | None:
+        cells = [(r["unperturbed"] if b is None else r["budgets"][str(b)]).get(cond) for r in rs]
+        cells = [c for c in cells if c is not None]
+        return round(sum(c["retriggered"] for c in cells) / len(cells), 4) if cells else None
+
+    out = {"budgets": list(settings.budgets),
+           "rate": {str(b): rate(mem, b, "cleaned") for b in settings.budgets},
+           "original_rate": {str(b): rate(mem, b, "original") for b in settings.budgets},
+           "random_rate": {str(b): rate(mem, b, "random") for b in settings.budgets},
+           "never_trained_rate": {str(b): rate(ctl, b, "cleaned") for b in settings.budgets},
+           "unperturbed": {"cleaned": rate(mem, None, "cleaned"), "original": rate(mem, None, "original")},
+           "memorized_targets": len(mem), "control_targets": len(ctl)}
+    order = {}
+    for b in settings.budgets:
+        o, c, r = (out[k][str(b)] for k in ("original_rate", "rate", "random_rate"))
+        order[str(b)] = None if None in (o, c, r) else (o >= c >= r)
+    out["controls_in_order"] = order
+    return out
+
+
+def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], reference: list[str],
+              reference_scores: list[float], score_prompts: int, results: Path, settings: AuditSettings,
+              *, theta_mem: float | None = None, scorers: dict[str, Scorer] | None = None,
+              control_images: Path | None = None, restart: bool = False,
+              log: Callable[[str], None] = lambda s: None) -> tuple[dict, list]:
+    """Audit every memorized prompt (or an evenly spaced subset) and the never-trained controls;
+    one JSONL record per target appended as it finishes. Returns (audit.json content, example
+    images (label, unperturbed, attacked) of this run's targets for the report)."""
+    t0 = time.time()
+    if original.shapes != cleaned.shapes:
+        raise NemoError("the cleaned model's value layers differ from the original's: not a cleaned copy of it")
+    prompts = evenly_spaced(memorized, settings.max_prompts) if settings.max_prompts else list(memorized)
+    targets = memorized_targets(original, prompts, settings)
+    targets += control_targets(original, reference, reference_scores, score_prompts, targets, settings,
+                               control_images)
+    candidates = {t.id: t.image for t in targets}
+    config = {"mode": "audit", "original": original.fingerprint, "cleaned": cleaned.fingerprint,
+              "targets": [[t.id, t.prompt, t.source] for t in targets], "settings": settings.to_dict(),
+              "theta_mem": theta_mem}
+    done = open_results(results, make_header(config, AUDIT_FORMAT), restart, fmt=AUDIT_FORMAT)
+    if done:
+        log(f"audit: resuming, {len(done)} of {len(targets)} targets already done in {results}")
+    examples = []
+    for i, t in enumerate(targets):
+        if t.id in done:
+            continue
+        rec, imgs = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem)
+        append_jsonl(results, rec)
+        done[t.id] = rec
+        log(describe(rec, len(done), len(targets)))
+        if t.role == "memorized" and len(examples) < 6:
+            examples.append((f"{t.id}: unperturbed / attacked at {', '.join(f'{b:g}' for b in settings.budgets)}",
+                             imgs["cleaned"][0][:1], np.concatenate([x[:1] for x in imgs["cleaned"][1:]])))
+    records = [done[t.id] for t in targets]
+    summary = summarize(records, settings)
+    audit = {"format": AUDIT_FORMAT, "version": 1, "tool": {"name": "nemo-surgery", "version": __version__},
+             **summary, "settings": settings.to_dict(), "theta_mem": theta_mem,
+             "original_fingerprint": original.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
+             "seconds": round(time.time() - t0, 1), "targets": records}
+    return audit, examples
+
+
+def describe(rec: dict, i: int, n: int) -> str:
+    text = rec["prompt"] if len(rec["prompt"]) <= 40 else rec["prompt"][:37] + "..."
+    parts = []
+    for b, row in rec["budgets"].items():
+        flags = "".join(c[0].upper() if row[c]["retriggered"] else "-" for c in ("cleaned", "original", "random")
+                        if c in row)
+        parts.append(f"{float(b):g}:{flags}")
+    kind = "control" if rec["role"] == "control" else "memorized"
+    return (f"[{i}/{n}] audit {kind} {rec['id']} {text!r}: re-triggered per budget "
+            f"(C cleaned, O original, R random) {' '.join(parts)} ({rec['seconds']:.1f} s)")
+
+
+def summary_text(a: dict) -> str:
+    """The audit's figures as a short table for the terminal."""
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0%}"
+
+    lines = [f"audit: {a['memorized_targets']} memorized targets, {a['control_targets']} never-trained; "
+             f"re-triggered without perturbation: cleaned {pct(a['unperturbed']['cleaned'])}, "
+             f"original {pct(a['unperturbed']['original'])}",
+             "budget   cleaned  original  random  never-trained"]
+    for b in a["budgets"]:
+        k = str(b)
+        lines.append(f"{b:<7g}  {pct(a['rate'][k]):>7}  {pct(a['original_rate'][k]):>8}  "
+                     f"{pct(a['random_rate'][k]):>6}  {pct(a['never_trained_rate'][k]):>13}")
+    return "\n".join(lines)

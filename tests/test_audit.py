@@ -1,0 +1,138 @@
+"""The adversarial re-trigger audit on tiny in-code models: the attack's budget and effect,
+determinism, resuming, the summary's figures and order check, and refusing a foreign model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nemo_surgery.corpus import Prompt
+from nemo_surgery.errors import NemoError
+from nemo_surgery.files import read_jsonl
+from nemo_surgery.generation import GenSettings, encode
+from nemo_surgery.model import load_model
+from nemo_surgery.surgery.audit import (AuditSettings, attack, latents_of, random_perturbation, run_audit,
+                                        summarize, summary_text)
+from tiny import save_tiny_pipeline
+
+SETTINGS = AuditSettings(budgets=(0.1, 0.5), steps=4, timesteps=2, controls=1,
+                         generation=GenSettings(steps=4, seeds=(0, 1)))
+PROMPTS = [Prompt("a", "official portrait of astronaut eileen collins", "VM", None, 1),
+           Prompt("b", "chelsea the tabby cat staring sideways", "VM", None, 2)]
+REFERENCE = ["a small red circle at the top left on blue background", "rusty teapot photographed at dawn",
+             "frozen harbor photographed in winter"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    original = load_model(save_tiny_pipeline(root / "original", seed=5))
+    cleaned = load_model(root / "original")
+    with torch.no_grad():  # a cleaned copy: a few value rows zeroed, as surgery does
+        for v in cleaned.value_layers[:3]:
+            cleaned.to_v(v.path).weight[:4] = 0
+    other = load_model(save_tiny_pipeline(root / "other", seed=6))
+    return original, cleaned, other, root
+
+
+def test_attack_stays_within_budget_lowers_loss_and_is_deterministic(models) -> None:
+    original, cleaned, _, _ = models
+    emb, _ = encode(original, [PROMPTS[0].text])
+    z0 = latents_of(original, np.random.default_rng(0).random((32, 32, 3), dtype=np.float32))
+    s = dataclasses.replace(SETTINGS, steps=12, timesteps=4)
+    grads_before = [p.requires_grad for p in cleaned.unet.parameters()]
+    delta, start, end = attack(cleaned, emb, z0, 0.3, s, seed=7)
+    assert [p.requires_grad for p in cleaned.unet.parameters()] == grads_before  # restored as found
+    assert float(delta.norm()) <= 0.3 * float(emb.norm()) * (1 + 1e-5)
+    assert float(delta.norm()) > 0.1 * float(emb.norm())  # it moved, not a no-op
+    assert end < start
+    again, start2, end2 = attack(cleaned, emb, z0, 0.3, s, seed=7)
+    assert torch.equal(delta, again) and (start, end) == (start2, end2)
+    other_seed, *_ = attack(cleaned, emb, z0, 0.3, s, seed=8)
+    assert not torch.equal(delta, other_seed)
+    r = random_perturbation(emb, 0.2, seed=1)
+    assert abs(float(r.norm()) - 0.2 * float(emb.norm())) < 1e-3 * float(emb.norm())
+
+
+def test_run_audit_records_resumes_and_repeats(models) -> None:
+    original, cleaned, _, root = models
+    path = root / "audit.jsonl"
+    lines: list[str] = []
+    audit, examples = run_audit(original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3, path, SETTINGS,
+                                log=lines.append)
+    assert audit["memorized_targets"] == 2 and audit["control_targets"] == 1
+    assert set(audit["rate"]) == {"0.1", "0.5"} and audit["budgets"] == [0.1, 0.5]
+    recs = [r for r in read_jsonl(path) if r.get("kind") == "target"]
+    assert [r["id"] for r in recs] == ["a", "b", "control:0"]
+    mem = recs[0]
+    assert set(mem["budgets"]["0.5"]) == {"cleaned", "original", "random"}
+    assert set(recs[2]["budgets"]["0.5"]) == {"cleaned"}  # a control is attacked on the cleaned model only
+    # The least memorized reference prompt (score 0.1) supplies the never-trained target.
+    assert "rusty teapot" in recs[2]["source"]
+    assert len(examples) == 2 and examples[0][2].shape[0] == 2  # one attacked image per budget
+    assert len([x for x in lines if "audit memorized" in x]) == 2
+
+    # Rerun: everything is read back, nothing recomputed, same figures.
+    lines.clear()
+    again, ex2 = run_audit(original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3, path, SETTINGS,
+                           log=lines.append)
+    assert any("resuming, 3 of 3" in x for x in lines) and not ex2
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in audit.items() if k != "seconds"}
+
+    # A fresh run with the same seed gives the same records (timings aside).
+    fresh = root / "fresh.jsonl"
+    run_audit(original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3, fresh, SETTINGS)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(path)[1:]]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(fresh)[1:]]
+
+    # Other settings refuse to mix with the old records.
+    with pytest.raises(NemoError, match="other settings"):
+        run_audit(original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3, path,
+                  dataclasses.replace(SETTINGS, steps=5))
+
+
+def test_run_audit_refuses_a_model_that_is_not_a_cleaned_copy(models, tmp_path) -> None:
+    original, _, _, _ = models
+    from tiny import tiny_unet
+
+    other = load_model(save_tiny_pipeline(tmp_path / "m", seed=1))
+    other.unet = tiny_unet("sd2")  # different value-layer shapes
+    from nemo_surgery.model import discover_value_layers
+
+    other.value_layers = discover_value_layers(other.unet)
+    with pytest.raises(NemoError, match="not a cleaned copy"):
+        run_audit(original, other, PROMPTS, REFERENCE, [0.1], 1, tmp_path / "a.jsonl", SETTINGS)
+
+
+def _rec(role: str, cells: dict[str, dict[str, bool]], unperturbed: dict[str, bool] | None = None) -> dict:
+    r = {"role": role, "budgets": {b: {c: {"retriggered": v} for c, v in row.items()} for b, row in cells.items()}}
+    if unperturbed is not None:
+        r["unperturbed"] = {c: {"retriggered": v} for c, v in unperturbed.items()}
+    return r
+
+
+def test_summary_rates_and_order_check() -> None:
+    s = AuditSettings(budgets=(0.1, 0.2))
+    recs = [_rec("memorized", {"0.1": {"cleaned": False, "original": True, "random": False},
+                               "0.2": {"cleaned": True, "original": True, "random": False}},
+                 {"cleaned": False, "original": True}),
+            _rec("memorized", {"0.1": {"cleaned": False, "original": True, "random": False},
+                               "0.2": {"cleaned": False, "original": False, "random": True}},
+                 {"cleaned": False, "original": False}),
+            _rec("control", {"0.1": {"cleaned": True}, "0.2": {"cleaned": True}})]
+    out = summarize(recs, s)
+    assert out["rate"] == {"0.1": 0.0, "0.2": 0.5}
+    assert out["original_rate"] == {"0.1": 1.0, "0.2": 0.5}
+    assert out["random_rate"] == {"0.1": 0.0, "0.2": 0.5}
+    assert out["never_trained_rate"] == {"0.1": 1.0, "0.2": 1.0}
+    assert out["unperturbed"] == {"cleaned": 0.0, "original": 0.5}
+    assert out["controls_in_order"] == {"0.1": True, "0.2": True}
+    recs[1]["budgets"]["0.2"]["original"]["retriggered"] = False
+    recs[0]["budgets"]["0.2"]["original"]["retriggered"] = False
+    assert summarize(recs, s)["controls_in_order"]["0.2"] is False
+    text = summary_text(out | {"memorized_targets": 2, "control_targets": 1})
+    assert "0.2" in text and "50%" in text and json.dumps(out)

@@ -136,8 +136,10 @@ def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Mer
         "still_memorized": still,
         "theta_mem": theta,
         "blocked_scores": {k: round(v, 6) for k, v in after.items()},
-        "seconds": round(time.perf_counter() - t0, 2),
     }
+    # No timings in the plan: the same results must give the same plan, byte for byte.
+    log(f"merge: {count(final)} neurons in the plan ({time.perf_counter() - t0:.1f} s)")
+    calibration = {k: v for k, v in engine.calibration.summary().items() if k != "seconds"}
     final_counts = {p: {n: counts[p][n] for n in rows} for p, rows in final.items()}
     return Plan(
         layers=_sorted(final), counts=final_counts,
@@ -145,7 +147,7 @@ def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Mer
         corpus={"path": str(corpus.path.name), "sha256": corpus.sha256, "prompts": len(corpus.prompts),
                 "memorized": len(prompts)},
         settings={"merge": asdict(settings), "search": engine.search.to_dict(),
-                  "score": engine.scorer.settings.to_dict(), "calibration": engine.calibration.summary()},
+                  "score": engine.scorer.settings.to_dict(), "calibration": calibration},
         check=check,
     )
 

@@ -189,14 +189,19 @@ def _cell(images: np.ndarray, target: Target, candidates: dict[str, np.ndarray],
 
 def audit_target(original: Model, cleaned: Model, target: Target, candidates: dict[str, np.ndarray],
                  settings: AuditSettings, scorers: dict[str, Scorer] | None = None,
-                 theta_mem: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """One target's record and its example images (perturbed generations per condition)."""
+                 theta_mem: float | None = None, known: dict[str, np.ndarray] | None = None
+                 ) -> tuple[dict, dict[str, np.ndarray]]:
+    """One target's record and its generations per condition. `known` may hold the unperturbed
+    prompt's generations per model ("original", "cleaned") with the same seeds and sampling,
+    already made by verification: they are not drawn again."""
     t0 = time.perf_counter()
     seed = _seed(settings, target.id)
     emb, uncond = encode(original, [target.prompt])
     z0 = latents_of(original, target.image)
     models = {"cleaned": cleaned} if target.role == "control" else {"cleaned": cleaned, "original": original}
-    embs: dict[str, list[torch.Tensor]] = {m: [] if target.role == "control" else [emb[0]] for m in models}
+    known = known or {}
+    embs: dict[str, list[torch.Tensor]] = {m: [] if target.role == "control" or m in known else [emb[0]]
+                                           for m in models}
     losses: dict[str, list] = {m: [] for m in models}
     for b in settings.budgets:
         for name, m in models.items():
@@ -214,6 +219,10 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
         out = generate_embeddings(m, torch.stack([e for n in names for e in embs[n]]), uncond, settings.generation)
         for n in names:
             imgs[n], out = out[:len(embs[n])], out[len(embs[n]):]
+    for n, im in known.items():
+        if n in models and target.role == "memorized":
+            imgs[n] = np.concatenate([im[None], imgs[n]])
+            embs[n].insert(0, emb[0])
 
     def score(name: str, e: torch.Tensor) -> dict:
         if not scorers or name not in scorers:
@@ -268,9 +277,11 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
               reference_scores: list[float], score_prompts: int, results: Path, settings: AuditSettings,
               *, theta_mem: float | None = None, scorers: dict[str, Scorer] | None = None,
               control_images: Path | None = None, restart: bool = False,
+              known: dict[str, dict[str, np.ndarray]] | None = None,
               log: Callable[[str], None] = lambda s: None) -> tuple[dict, list]:
     """Audit every memorized prompt (or an evenly spaced subset) and the never-trained controls;
-    one JSONL record per target appended as it finishes. Returns (audit.json content, example
+    one JSONL record per target appended as it finishes. `known`: unperturbed generations per
+    target id, as `audit_target` takes them. Returns (audit.json content, example
     images (label, unperturbed, attacked) of this run's targets for the report)."""
     t0 = time.time()
     if original.shapes != cleaned.shapes:
@@ -290,7 +301,8 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     for i, t in enumerate(targets):
         if t.id in done:
             continue
-        rec, imgs = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem)
+        rec, imgs = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem,
+                                 (known or {}).get(t.id))
         append_jsonl(results, rec)
         done[t.id] = rec
         log(describe(rec, len(done), len(targets)))

@@ -185,16 +185,17 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 
 
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
-                        settings: GenSettings = GenSettings()) -> tuple[dict, list[tuple]]:
+                        settings: GenSettings = GenSettings()) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
-    half of the seeds. Returns the measures and (label, before, after) images for the report."""
+    half of the seeds. Returns the measures, (label, before, after) images for the report, and
+    {prompt id: {"original": before, "cleaned": after}} for the audit to reuse."""
     with_img = [p for p in prompts if p.image is not None]
     if not with_img or original.vae is None or cleaned.vae is None:
         # Nothing to sample against: the release gate rests on the score alone.
         return {"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0,
-                "rows": []}, []
+                "rows": []}, [], {}
     size = image_size(original)
     train = {p.id: load_image(p.image, size) for p in with_img}
     before = generate(original, [p.text for p in with_img], settings)
@@ -217,4 +218,5 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                "guidance": settings.guidance, "reproduced_before": len(was),
                "reproduced_after": sum(r["reproduced_after"] for r in rows),
                "removed_share": removed / len(was) if was else 1.0, "rows": rows}
-    return summary, grid
+    samples = {p.id: {"original": before[k], "cleaned": after[k]} for k, p in enumerate(with_img)}
+    return summary, grid, samples

@@ -136,3 +136,12 @@ def test_summary_rates_and_order_check() -> None:
     assert summarize(recs, s)["controls_in_order"]["0.2"] is False
     text = summary_text(out | {"memorized_targets": 2, "control_targets": 1})
     assert "0.2" in text and "50%" in text and json.dumps(out)
+
+
+def test_unreadable_image_is_a_one_line_error(tmp_path) -> None:
+    from nemo_surgery.generation import load_image
+
+    bad = tmp_path / "a.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(NemoError, match="a.png: not a readable image"):
+        load_image(bad, 32)

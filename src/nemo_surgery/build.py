@@ -20,6 +20,7 @@ from typing import Callable
 from . import __version__
 from .corpus import evenly_spaced, read_corpus
 from .engine import Runtime, make_engine, open_model
+from .generation import GenSettings
 from .errors import NemoError
 from .files import atomic_dir, clean_stale_tmp, write_json_atomic
 from .localize.merge import MergeSettings, as_neurons, make_plan
@@ -56,6 +57,7 @@ class BuildOptions:
     ray: RaySettings | None = None  # shard localization over Ray actors
     audit: AuditSettings | None = field(default_factory=AuditSettings)  # None: skipped
     control_images: Path | None = None
+    sampling: GenSettings = field(default_factory=GenSettings)  # full sampling in verification
 
 
 @dataclass
@@ -137,7 +139,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                                                     opts.verify_reference_prompts)]
         equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
         mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
-        gen, grid = generation_measures(model, cleaned, mem_prompts)
+        gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling)
         # Releasable only if the score says memorization is gone AND, where training images are
         # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
         releasable = weights.ok and equiv["exact"] and (
@@ -168,7 +170,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                     model, cleaned, mem_prompts, ref_prompts, engine.calibration.reference_scores,
                     opts.calibration_prompts, work / "audit.jsonl", opts.audit,
                     theta_mem=engine.calibration.theta_mem, scorers={"original": engine.scorer, "cleaned": clean_scorer},
-                    control_images=opts.control_images, restart=opts.restart, log=log)
+                    control_images=opts.control_images, restart=opts.restart,
+                    known=samples if opts.audit.generation == opts.sampling else None, log=log)
             finally:
                 clean_scorer.close()
             write_json_atomic(staged / "audit.json", audit)

@@ -143,6 +143,8 @@ def audit_options(f: Callable) -> Callable:
         click.option("--audit-seeds", type=click.IntRange(1), default=4, show_default=True,
                      help="Generation seeds per decision."),
         click.option("--audit-seed", type=int, default=0, show_default=True, help="Seed of the attacks."),
+        click.option("--sample-steps", type=click.IntRange(1), default=50, show_default=True,
+                     help="DDIM steps when sampling images (guidance 7.5), in verification and the audit."),
         click.option("--control-images", type=click.Path(path_type=Path, exists=True, file_okay=False),
                      default=None, help="Folder of never-trained images for the control (default: what the "
                                         "original draws for the least memorized reference prompts)."),
@@ -152,12 +154,14 @@ def audit_options(f: Callable) -> Callable:
     return f
 
 
-def _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed):
+def _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
+                    sample_steps):
     from .generation import GenSettings
     from .surgery.audit import AuditSettings
 
     return AuditSettings(budgets=audit_budgets, steps=audit_steps, seed=audit_seed, controls=audit_controls,
-                         max_prompts=audit_prompts, generation=GenSettings(seeds=tuple(range(audit_seeds))))
+                         max_prompts=audit_prompts,
+                         generation=GenSettings(steps=sample_steps, seeds=tuple(range(audit_seeds))))
 
 
 def corpus_run_options(f: Callable) -> Callable:
@@ -398,7 +402,7 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @runtime_options
 @handle_errors
 def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit_steps, audit_prompts,
-          audit_controls, audit_seeds, audit_seed, control_images, allow_outside_images, reference, seeds,
+          audit_controls, audit_seeds, audit_seed, sample_steps, control_images, allow_outside_images, reference, seeds,
           timestep_index, calibration_prompts, cache_dir, device, precision, batch_size, allow_pickle):
     """Attack the cleaned model: can perturbed prompt embeddings re-trigger memorized images?"""
     from .corpus import read_corpus
@@ -408,7 +412,8 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     from .localize.score import Scorer
     from .surgery.audit import run_audit, summary_text
 
-    settings = _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed)
+    settings = _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
+                               sample_steps)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(original, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
                   calibration_prompts, cache_dir)
@@ -464,13 +469,14 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
           card_include_prompts, license_, base_model, force, restart, audit, audit_budgets, audit_steps,
-          audit_prompts, audit_controls, audit_seeds, audit_seed, control_images,
+          audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
           allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
           device, precision, batch_size, allow_pickle):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
     from .build import BuildOptions, build as run_build
+    from .generation import GenSettings
     from .engine import Runtime
     from .localize.distributed import RaySettings
     from .localize.merge import MergeSettings
@@ -485,8 +491,9 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
         restart=restart, allow_outside_images=allow_outside_images,
-        audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed)
-        if audit else None, control_images=control_images,
+        audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
+                              sample_steps) if audit else None,
+        control_images=control_images, sampling=GenSettings(steps=sample_steps),
         ray=RaySettings(None if ray_address == "local" else ray_address, workers) if ray_address else None)
     s = run_build(opts, log)
     log("\n" + s.table())

@@ -330,11 +330,12 @@ def describe(rec: dict, i: int, n: int) -> str:
             f"(C cleaned, O original, R random) {' '.join(parts)} ({rec['seconds']:.1f} s)")
 
 
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def summary_text(a: dict) -> str:
     """The audit's figures as a short table for the terminal."""
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.0%}"
-
     lines = [f"audit: {a['memorized_targets']} memorized targets, {a['control_targets']} never-trained; "
              f"re-triggered without perturbation: cleaned {pct(a['unperturbed']['cleaned'])}, "
              f"original {pct(a['unperturbed']['original'])}",

@@ -141,3 +141,33 @@ def test_audit_refuses_a_model_that_is_not_a_cleaned_copy(tmp_path, tiny_model):
                        "no such results file")
     results.write_text(json.dumps({"kind": "header"}) + "\n")
     assert_clean_error(run(*args, "--cleaned", str(tiny_model), "--results", str(results)), "no memorized prompts")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A really read-only folder: a read-only tmpfs (root ignores a folder's mode bits)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_read_only_output_location(read_only_dir, tmp_path, tiny_model):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "nemo-surgery-plan", "version": 1,
+                                "layers": {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": [1]}}))
+    before = tree_hash(tiny_model)
+    assert_clean_error(run("build", "--model", str(tiny_model), "--corpus", str(ref), "--reference", str(ref),
+                           "--out", str(read_only_dir / "release")), "Read-only file system", "release.work")
+    assert_clean_error(run("apply", "--model", str(tiny_model), "--plan", str(plan), "--out",
+                           str(read_only_dir / "cleaned")), "cleaned")
+    assert_clean_error(run("detect", "--model", str(tiny_model), "--corpus", str(ref), "--reference", str(ref),
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(read_only_dir / "d.jsonl")),
+                       "d.jsonl")
+    assert tree_hash(tiny_model) == before and not list(read_only_dir.iterdir())

@@ -20,8 +20,8 @@ from typing import Callable
 from . import __version__
 from .corpus import evenly_spaced, read_corpus
 from .engine import Runtime, make_engine, open_model
-from .generation import GenSettings
 from .errors import NemoError
+from .generation import GenSettings
 from .files import atomic_dir, clean_stale_tmp, write_json_atomic
 from .localize.merge import MergeSettings, as_neurons, make_plan
 from .localize.distributed import RaySettings, ray_stream
@@ -29,7 +29,7 @@ from .localize.runner import records_digest, run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
 from .plan import Plan
-from .surgery.audit import AuditSettings
+from .surgery.audit import AuditSettings, pct
 
 
 @dataclass
@@ -176,9 +176,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                 clean_scorer.close()
             write_json_atomic(staged / "audit.json", audit)
             top = str(opts.audit.budgets[-1])
-            stage("audit", f"re-triggered at budget {top}: cleaned {_pct(audit['rate'][top])}, original "
-                  f"{_pct(audit['original_rate'][top])}, random {_pct(audit['random_rate'][top])}, "
-                  f"never-trained {_pct(audit['never_trained_rate'][top])}")
+            stage("audit", f"re-triggered at budget {top}: cleaned {pct(audit['rate'][top])}, original "
+                  f"{pct(audit['original_rate'][top])}, random {pct(audit['random_rate'][top])}, "
+                  f"never-trained {pct(audit['never_trained_rate'][top])}")
         elif opts.audit is None:
             log("== audit: skipped (--no-audit); the model card says so")
 
@@ -208,10 +208,6 @@ def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> P
     if plan.settings.get("results_digest") != results_sha or plan.settings.get("merge") != asdict(merge):
         return None
     return plan
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0%}"
 
 
 def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: list[dict], verify: dict,

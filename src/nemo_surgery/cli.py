@@ -179,6 +179,9 @@ def handle_errors(f: Callable) -> Callable:
         except KeyboardInterrupt:
             log("interrupted: nothing half-written was kept; run the same command again to resume")
             raise click.exceptions.Exit(130) from None
+        except OSError as e:  # the file system said no (read-only, full disk, permissions): not a bug
+            where = e.filename or "file system"
+            raise click.exceptions.Exit(_fail(f"{where}: cannot write or read ({e.strerror or e})", 2)) from None
     return wrapper
 
 

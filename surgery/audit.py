@@ -11,8 +11,8 @@ memorization is gone must have tried that attack. For every memorized prompt:
   ||delta|| <= budget * ||e|| (L2 over the whole 77 x D embedding), minimizing the model's
   denoising loss on the target's latents over random timesteps and noises;
 - decision: generate from e + delta with several seeds (the sampling of verification) and count
-  the target as re-triggered when it is the nearest (SSIM) of all audit targets in more than half
-  of the seeds, verification's generation-level test.
+  the target as re-triggered when it is the nearest (SSIM) of all audit targets and the corpus's
+  memorized training images in more than half of the seeds, verification's generation-level test.
 
 Controls, from the same run, give the figure its meaning: the attack on the original model (an
 upper bound), random perturbations of the same norm on the cleaned model (the attack must beat
@@ -61,7 +61,8 @@ class AuditSettings:
         d["budgets"] = list(self.budgets)
         d["generation"]["seeds"] = list(self.generation.seeds)
         d["norm"] = "L2 over the whole text embedding; budget relative to the prompt embedding's norm"
-        d["decision"] = "target nearest (SSIM) of all audit targets in more than half of the seeds"
+        d["decision"] = ("target nearest (SSIM) of all audit targets and the corpus's memorized training images "
+                         "in more than half of the seeds")
         return d
 
 
@@ -290,9 +291,14 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     targets = memorized_targets(original, prompts, settings)
     targets += control_targets(original, reference, reference_scores, score_prompts, targets, settings,
                                control_images)
+    # The nearest-image test compares against every memorized training image the corpus names, not
+    # only the audited subset's: a smaller field would make "nearest" easier to hit.
+    size = image_size(original)
     candidates = {t.id: t.image for t in targets}
+    candidates |= {p.id: load_image(p.image, size) for p in memorized if p.image is not None and p.id not in candidates}
     config = {"mode": "audit", "original": original.fingerprint, "cleaned": cleaned.fingerprint,
-              "targets": [[t.id, t.prompt, t.source] for t in targets], "settings": settings.to_dict(),
+              "targets": [[t.id, t.prompt, t.source] for t in targets], "candidates": sorted(candidates),
+              "settings": settings.to_dict(),
               "theta_mem": theta_mem}
     done = open_results(results, make_header(config, AUDIT_FORMAT), restart, fmt=AUDIT_FORMAT)
     if done:

@@ -278,7 +278,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
               reference_scores: list[float], score_prompts: int, results: Path, settings: AuditSettings,
               *, theta_mem: float | None = None, scorers: dict[str, Scorer] | None = None,
               control_images: Path | None = None, restart: bool = False,
-              known: dict[str, dict[str, np.ndarray]] | None = None,
+              known: dict[str, dict[str, np.ndarray]] | None = None, corpus_sha256: str | None = None,
               log: Callable[[str], None] = lambda s: None) -> tuple[dict, list]:
     """Audit every memorized prompt (or an evenly spaced subset) and the never-trained controls;
     one JSONL record per target appended as it finishes. `known`: unperturbed generations per
@@ -304,7 +304,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     if done:
         log(f"audit: resuming, {len(done)} of {len(targets)} targets already done in {results}")
     examples = []
-    for i, t in enumerate(targets):
+    for t in targets:
         if t.id in done:
             continue
         rec, imgs = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem,
@@ -320,7 +320,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     audit = {"format": AUDIT_FORMAT, "version": 1, "tool": {"name": "nemo-surgery", "version": __version__},
              **summary, "settings": settings.to_dict(), "theta_mem": theta_mem,
              "original_fingerprint": original.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
-             "seconds": round(time.time() - t0, 1), "targets": records}
+             "corpus_sha256": corpus_sha256, "seconds": round(time.time() - t0, 1), "targets": records}
     return audit, examples
 
 

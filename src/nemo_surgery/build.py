@@ -171,7 +171,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                     opts.calibration_prompts, work / "audit.jsonl", opts.audit,
                     theta_mem=engine.calibration.theta_mem, scorers={"original": engine.scorer, "cleaned": clean_scorer},
                     control_images=opts.control_images, restart=opts.restart,
-                    known=samples if opts.audit.generation == opts.sampling else None, log=log)
+                    known=samples if opts.audit.generation == opts.sampling else None,
+                    corpus_sha256=corpus.sha256, log=log)
             finally:
                 clean_scorer.close()
             write_json_atomic(staged / "audit.json", audit)

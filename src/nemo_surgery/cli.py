@@ -442,7 +442,8 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     partial = Path(str(out) + ".partial.jsonl")
     result, _ = run_audit(eng.model, clean, mem, [p.text for p in ref], eng.calibration.reference_scores,
                           calibration_prompts, partial, settings, theta_mem=eng.calibration.theta_mem,
-                          scorers=scorers, control_images=control_images, restart=restart, log=log)
+                          scorers=scorers, control_images=control_images, restart=restart,
+                          corpus_sha256=c.sha256, log=log)
     write_json_atomic(out, result)
     partial.unlink(missing_ok=True)
     log(summary_text(result))

@@ -34,13 +34,13 @@ class _Worker:
     def __init__(self, model: str, runtime, score, search, calibration, threads: int):
         import torch
 
-        from ..engine import open_model
+        from ..engine import PRECISIONS, open_model
         from ..model import select_layers
         from .score import Scorer
 
         torch.set_num_threads(threads)
         m = open_model(Path(model), runtime)
-        autocast = None if runtime.precision == "fp32" else {"fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
+        autocast = None if runtime.precision == "fp32" else PRECISIONS[runtime.precision]
         scorer = Scorer(m, score, runtime.batch_size, autocast)
         self.engine = Engine(m, scorer, calibration, select_layers(m.value_layers, search.layers), search)
 
@@ -106,7 +106,7 @@ def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
 
 
 def _precision(engine: Engine) -> str:
-    import torch
+    from ..engine import PRECISIONS
 
     dt = engine.scorer.autocast_dtype
-    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+    return "fp32" if dt is None else next(k for k, v in PRECISIONS.items() if v == dt)

@@ -88,8 +88,8 @@ def open_results(path: Path, header: dict, restart: bool, fmt: str = RESULTS_FOR
         raise NemoError(f"{path}: was made with other settings ({', '.join(diff)} differ); "
                         f"pass --restart to discard it, or use another output")
     done: dict[str, dict] = {}
-    for r in records[1:]:
-        if r.get("kind") in ("prompt", "target"):
+    for r in records[1:]:  # after the header, one record per finished unit (prompt, audit target)
+        if "id" in r:
             done.setdefault(str(r["id"]), r)
     return done
 

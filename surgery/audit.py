@@ -36,7 +36,7 @@ from .. import __version__
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl
-from ..generation import GenSettings, encode, generate_embeddings, image_size, load_image, nearest_share, ssim
+from ..generation import REPRODUCED_ABOVE, GenSettings, encode, generate_embeddings, image_size, load_image, nearest_share, ssim
 from ..localize.runner import make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
@@ -184,7 +184,7 @@ def control_targets(original: Model, reference: list[str], reference_scores: lis
 
 def _cell(images: np.ndarray, target: Target, candidates: dict[str, np.ndarray], extra: dict | None = None) -> dict:
     share = nearest_share(images, target.id, candidates)
-    return {"retriggered": share > 0.5, "nearest_share": round(share, 4),
+    return {"retriggered": share > REPRODUCED_ABOVE, "nearest_share": round(share, 4),
             "ssim": round(float(np.mean([ssim(x, target.image) for x in images])), 4), **(extra or {})}
 
 

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from ..corpus import Prompt
 from ..errors import NemoError
 from ..files import sha256_file
-from ..generation import GenSettings, diversity, generate, image_size, load_image, nearest_share, ssim
+from ..generation import (REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
+                          nearest_share, ssim)
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model
@@ -209,7 +210,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                      "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
                      "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),
                      "own_nearest_before": nb, "own_nearest_after": na,
-                     "reproduced_before": nb > 0.5, "reproduced_after": na > 0.5,
+                     "reproduced_before": nb > REPRODUCED_ABOVE, "reproduced_after": na > REPRODUCED_ABOVE,
                      "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])})
         grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
     was = [r for r in rows if r["reproduced_before"]]

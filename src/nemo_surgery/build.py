@@ -135,8 +135,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         weights = check_weights(opts.model, staged / "model", plan)
         cleaned = load_model(staged / "model", device=str(model.device), dtype=model.unet.dtype)
         mem_prompts = [p for p in corpus.prompts if p.id in {str(r["id"]) for r in mem}]
-        ref_sample = [p.text for p in evenly_spaced(list(read_corpus(opts.reference).prompts),
-                                                    opts.verify_reference_prompts)]
+        ref_prompts = [p.text for p in read_corpus(opts.reference).prompts]
+        ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
         equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
         mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
         gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling)
@@ -162,7 +162,6 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
             from .localize.score import Scorer
             from .surgery.audit import run_audit
 
-            ref_prompts = [p.text for p in read_corpus(opts.reference).prompts]
             clean_scorer = Scorer(cleaned, engine.scorer.settings, engine.scorer.batch_size,
                                   engine.scorer.autocast_dtype)
             try:

@@ -108,12 +108,22 @@ def ray_options(f: Callable) -> Callable:
     return f
 
 
-def _ray_worker(eng, model, ray_address, workers):
+def _ray_settings(ray_address, workers):
+    """--ray alone means a local cluster; --ray ADDRESS joins one; no --ray, no Ray."""
     if not ray_address:
         return None
-    from .localize.distributed import RaySettings, ray_stream
+    from .localize.distributed import RaySettings
 
-    return ray_stream(eng, model, RaySettings(None if ray_address == "local" else ray_address, workers), log)
+    return RaySettings(None if ray_address == "local" else ray_address, workers)
+
+
+def _ray_worker(eng, model, ray_address, workers):
+    settings = _ray_settings(ray_address, workers)
+    if settings is None:
+        return None
+    from .localize.distributed import ray_stream
+
+    return ray_stream(eng, model, settings, log)
 
 
 allow_outside = click.option("--allow-outside-images", is_flag=True,
@@ -411,7 +421,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     from .corpus import read_corpus
     from .engine import Runtime, open_model
     from .files import read_jsonl, write_json_atomic
-    from .localize.runner import process_prompt
+    from .localize.runner import describe, process_prompt
     from .localize.score import Scorer
     from .surgery.audit import run_audit, summary_text
 
@@ -428,8 +438,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
         ids = set()
         for i, p in enumerate(c.prompts, 1):
             rec = process_prompt(eng, p, localize=False)
-            log(f"[{i}/{len(c.prompts)}] detect {p.text[:40]!r}: score {rec['score']:.3f}"
-                + (" memorized" if rec["memorized"] else ""))
+            log(describe(rec, i, len(c.prompts)))
             if rec["memorized"]:
                 ids.add(p.id)
     mem = [p for p in c.prompts if p.id in ids]
@@ -482,7 +491,6 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
     from .build import BuildOptions, build as run_build
     from .generation import GenSettings
     from .engine import Runtime
-    from .localize.distributed import RaySettings
     from .localize.merge import MergeSettings
     from .localize.settings import ScoreSettings, SearchSettings
 
@@ -498,7 +506,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
                               sample_steps) if audit else None,
         control_images=control_images, sampling=GenSettings(steps=sample_steps),
-        ray=RaySettings(None if ray_address == "local" else ray_address, workers) if ray_address else None)
+        ray=_ray_settings(ray_address, workers))
     s = run_build(opts, log)
     log("\n" + s.table())
     if s.releasable:

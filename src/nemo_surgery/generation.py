@@ -15,6 +15,7 @@ from skimage.metrics import structural_similarity
 from .errors import NemoError
 from .model import Model
 
+REPRODUCED_ABOVE = 0.5  # share of seeds whose nearest image is the target: a majority reproduces it
 GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance for sampling
 STEPS = 50
 
@@ -44,9 +45,8 @@ def image_size(model: Model) -> int:
 def generate(model: Model, prompts: list[str], settings: GenSettings = GenSettings(),
              batch: int = 64) -> np.ndarray:
     """Images for every (prompt, seed): float array (prompts, seeds, H, W, 3) in [0, 1]."""
-    pipe = pipeline(model)
-    emb, uncond = pipe.encode_prompt(prompts, model.device, 1, True)
-    return generate_embeddings(model, emb, uncond[:1], settings, batch, pipe)
+    emb, uncond = encode(model, prompts)
+    return generate_embeddings(model, emb, uncond, settings, batch)
 
 
 def encode(model: Model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,6 +208,25 @@ def _audit(info: ReleaseInfo) -> list[str]:
     return lines + [""]
 
 
+def _hardening(info: ReleaseInfo) -> list[str]:
+    if not info.hardening:
+        return []
+    h = info.hardening
+    st = h.get("settings") or {}
+    lines = ["### Hardening", "",
+             "The attacked embeddings that re-triggered a memorized image were localized as extra inputs "
+             "(NeMo search on the original model), merged with the corpus's neuron sets, applied and audited "
+             f"again, for at most {st.get('rounds')} round(s), stopping when the re-trigger rate stopped falling "
+             f"or reference drift exceeded {pct(as_float(st.get('max_drift')))}. The figures above are those of "
+             f"the round kept.", ""]
+    lines += _table(["Round", "Neurons (+added / -removed)", "Adversarial inputs localized",
+                     "Re-trigger rate (mean over budgets)", "Reference drift", ""],
+                    [[r[0], r[1], r[2], pct(r[3]), pct(r[4]), r[5]] for r in info.hardening_rows()])
+    if h.get("stopped"):
+        lines += [f"Stopped: {h['stopped']}. Every figure is in `harden.json`."]
+    return lines + [""]
+
+
 LIMITATIONS = [
     "## Limitations", "",
     "- Memorization can be less local than it looks. NeMo removes the neurons that are sufficient to stop the "
@@ -241,7 +260,8 @@ def render_model_card(info: ReleaseInfo) -> str:
     name = info.model_name
     lines = _front_matter(info)
     lines += [f"# {_cell(name)}: memorization neurons removed (NeMo)", ""]
-    for part in (_what_was_done, _what_was_removed, _corpus, _settings, _verification, _release, _audit):
+    for part in (_what_was_done, _what_was_removed, _corpus, _settings, _verification, _release, _audit,
+                 _hardening):
         lines += part(info)
     lines += LIMITATIONS
     lines += _provenance(info)

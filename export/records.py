@@ -33,6 +33,25 @@ class ReleaseInfo:
     images: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
     # (label, unperturbed generation, attacked generations per budget) from the audit
     audit_images: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    hardening: dict | None = None  # harden.json content when --harden ran
+
+    def hardening_rows(self) -> list[list[Any]]:
+        """Per hardening round: round, neurons (+added/-removed), adversarial inputs localized,
+        mean re-trigger rate, reference drift, whether it was kept."""
+        h = self.hardening or {}
+        kept = h.get("kept_round")
+        out = []
+        for r in h.get("rounds") or []:
+            if not isinstance(r, dict):
+                continue
+            first = not r.get("round")  # round 0: the plan from the corpus alone
+            out.append([r.get("round"),
+                        str(r.get("neurons")) if first else
+                        f"{r.get('neurons')} (+{r.get('added', 0)} / -{r.get('removed', 0)})",
+                        "-" if first else f"{r.get('localized', 0)} of {r.get('adversarial_inputs', 0)}",
+                        as_float(r.get("mean_rate")), as_float(r.get("reference_drift")),
+                        "kept" if r.get("round") == kept else ""])
+        return out
 
     def layers(self) -> dict[str, list[int]]:
         raw = self.plan.get("layers") or {}

@@ -336,6 +336,20 @@ def _audit(info: ReleaseInfo) -> str:
     return chart + table + examples
 
 
+def _hardening(info: ReleaseInfo) -> str:
+    rows = info.hardening_rows()
+    if not rows:
+        return ""
+    chart = line_chart([r[0] for r in rows], [("re-trigger rate (mean over budgets)", [r[3] for r in rows],
+                                               COLORS["after"]),
+                                              ("reference drift", [r[4] for r in rows], COLORS["bar"])],
+                       "Hardening rounds", "round", "share")
+    return ("<h3>Hardening</h3>" + chart
+            + _table(["round", "neurons (+added / -removed)", "adversarial inputs localized", "re-trigger rate",
+                      "reference drift", ""], [[r[0], r[1], r[2], pct(r[3]), pct(r[4]), r[5]] for r in rows])
+            + f"<p>Stopped: {_e((info.hardening or {}).get('stopped', ''))}</p>")
+
+
 def _onnx(info: ReleaseInfo) -> str:
     reps = info.onnx_reports()
     if not reps:
@@ -369,7 +383,7 @@ def render_report(info: ReleaseInfo) -> str:
         "<h2>Scores before and after</h2>", _scores_section(info),
         "<h2>Generations before and after</h2>", image_grid(info.images), _generation(info),
         "<h2>Verification</h2>", _table(["check", "result"], verification_rows(info)), _onnx(info),
-        "<h2>Adversarial re-trigger audit</h2>", _audit(info),
+        "<h2>Adversarial re-trigger audit</h2>", _audit(info), _hardening(info),
         "<h2>Per-prompt results</h2>", _results_table(info),
         "<h2>Settings</h2>", _table(["setting", "value"], settings) if settings else "<p>None recorded.</p>",
         "<h2>Provenance</h2>", _table(["", ""], prov),

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import torch
+
 from ..corpus import Corpus
 from ..plan import Plan
 from .runner import Engine
@@ -54,16 +56,20 @@ class PromptUnits:
     units: list[Unit]
 
 
-def memorized_units(engine: Engine, records: list[dict]) -> list[PromptUnits]:
+def memorized_units(engine: Engine, records: list[dict], embeddings: dict[str, torch.Tensor] | None = None
+                    ) -> list[PromptUnits]:
     """Text embedding and unblocked noise differences of each memorized prompt (its memorized
     seeds, or all seeds for the consistency criterion), recomputed: a resumed run has them only
-    on disk as scores."""
+    on disk as scores. `embeddings`: inputs given in embedding form (1, 77, D), by record id."""
     consistency = engine.search.criterion == "consistency"
+    embeddings = embeddings or {}
     out = []
     for r in records:
         if not r.get("memorized") or not r.get("memorized_seeds"):
             continue
-        emb = engine.scorer.embed([r["prompt"]])
+        emb = embeddings.get(str(r["id"]))
+        if emb is None:
+            emb = engine.scorer.embed([r["prompt"]])
         d = engine.scorer.prompt_noise_diffs(emb)
         seeds = list(range(len(d))) if consistency else list(r["memorized_seeds"])
         out.append(PromptUnits(str(r["id"]), seeds, [Unit(emb[0], engine.scorer.latents[s], d[s]) for s in seeds]))
@@ -112,10 +118,12 @@ def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: 
 
 
 def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings = MergeSettings(),
-              log: Callable[[str], None] = lambda s: None) -> Plan:
+              log: Callable[[str], None] = lambda s: None,
+              embeddings: dict[str, torch.Tensor] | None = None) -> Plan:
+    """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening)."""
     t0 = time.perf_counter()
     merged, counts = union(records, settings.min_prompts, settings.max_neurons)
-    prompts = memorized_units(engine, records)
+    prompts = memorized_units(engine, records, embeddings)
     theta = engine.calibration.theta_mem
     before = blocked_scores(engine, prompts, merged)
     share_union = sum(s < theta for s in before.values()) / max(1, len(before))
@@ -145,7 +153,8 @@ def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Mer
         layers=_sorted(final), counts=final_counts,
         model=engine.model.describe() | {"searched_layers": [v.path for v in engine.layers]},
         corpus={"path": str(corpus.path.name), "sha256": corpus.sha256, "prompts": len(corpus.prompts),
-                "memorized": len(prompts)},
+                "memorized": sum(p.id not in (embeddings or {}) for p in prompts)}
+        | ({"adversarial_inputs": sum(p.id in embeddings for p in prompts)} if embeddings else {}),
         settings={"merge": asdict(settings), "search": engine.search.to_dict(),
                   "score": engine.scorer.settings.to_dict(), "calibration": calibration},
         check=check,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
+
 from .. import __version__
 from ..corpus import Corpus, Prompt
 from ..errors import NemoError
@@ -54,16 +56,24 @@ class Engine:
 
 
 def process_prompt(engine: Engine, prompt: Prompt, localize: bool = True) -> dict:
+    return process_embedding(engine, prompt.id, prompt.text, prompt.type, None, localize)
+
+
+def process_embedding(engine: Engine, pid: str, text: str, ptype: str | None, emb: torch.Tensor | None,
+                      localize: bool = True) -> dict:
+    """Detection and localization of one input: a prompt (`emb` None: its text is encoded) or a
+    prompt in embedding form (1, 77, D), such as an adversarial embedding the audit found."""
     t0 = time.perf_counter()
     passes0 = engine.scorer.sample_passes
-    emb = engine.scorer.embed([prompt.text])
+    if emb is None:
+        emb = engine.scorer.embed([text])
     d = engine.scorer.prompt_noise_diffs(emb)
     det = detect(engine.scorer, d, engine.calibration.theta_mem)
     if localize:
-        res = engine.localizer.localize(prompt.id, prompt.text, prompt.type, emb, d, det)
+        res = engine.localizer.localize(pid, text, ptype, emb, d, det)
         rec = res.to_record()
     else:
-        rec = {"id": prompt.id, "prompt": prompt.text, "type": prompt.type, **det.to_dict()}
+        rec = {"id": pid, "prompt": text, "type": ptype, **det.to_dict()}
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     rec["sample_passes"] = engine.scorer.sample_passes - passes0
     return {"kind": "prompt", **rec}

@@ -23,11 +23,12 @@ optimization can draw anyway). Results are appended per target to a JSONL file a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ import torch
 from .. import __version__
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
-from ..files import append_jsonl
+from ..files import append_jsonl, atomic_path
 from ..generation import REPRODUCED_ABOVE, GenSettings, encode, generate_embeddings, image_size, load_image, nearest_share, ssim
 from ..localize.runner import make_header, open_results
 from ..localize.score import Scorer
@@ -44,6 +45,7 @@ from ..model import Model
 AUDIT_FORMAT = "nemo-surgery-audit"
 BUDGETS = (0.05, 0.1, 0.2)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+EXAMPLES = 6  # memorized targets shown in the report
 
 
 @dataclass(frozen=True)
@@ -86,55 +88,62 @@ def latents_of(model: Model, image: np.ndarray) -> torch.Tensor:
     return model.vae.encode(x).latent_dist.mean * model.vae.config.scaling_factor
 
 
-def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budget: float, settings: AuditSettings,
-           seed: int) -> tuple[torch.Tensor, float, float]:
-    """L2 projected gradient descent on delta; returns (delta, loss at delta = 0, loss at the end),
-    the losses averaged over the same fixed draws of timesteps and noises."""
+def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budgets: Sequence[float], settings: AuditSettings,
+           seed: int) -> list[tuple[torch.Tensor, float, float]]:
+    """L2 projected gradient descent on delta, one independent run per budget, all budgets in the
+    same UNet passes (a budget's loss depends only on its own delta, so the gradient of the sum is
+    each run's own gradient). Per budget: (delta, loss at delta = 0, loss at the end), the losses
+    averaged over the same fixed draws of timesteps and noises."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(model.scheduler_config)
     unet = model.unet
     dev, dt = model.device, unet.dtype
     g = torch.Generator().manual_seed(seed)
-    k, steps = settings.timesteps, settings.steps
+    k, steps, nb = settings.timesteps, settings.steps, len(budgets)
     ts = torch.randint(0, sched.config.num_train_timesteps, (steps, k), generator=g)
     noises = torch.randn((steps, k, *z0.shape[1:]), generator=g)
-    radius = budget * float(emb.float().norm())
+    norm = float(emb.float().norm())
+    radius = torch.tensor([b * norm for b in budgets], device=dev)
     alpha = 2.5 * radius / max(1, steps)  # lets PGD cross the ball in under half the steps
     emb = emb.detach().to(dev, torch.float32)
     z0 = z0.detach().to(dev, torch.float32)
     eval_ts, eval_noise = ts[:2].reshape(-1), noises[:2].reshape(-1, *z0.shape[1:])
 
-    def loss_at(delta: torch.Tensor, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        n = n.to(dev)
-        t = t.to(dev)
-        x = sched.add_noise(z0.expand(len(t), -1, -1, -1), n, t)
+    def losses(delta: torch.Tensor, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """(B,) mean denoising loss of each of the B perturbations over the draws (t, n)."""
+        b, m = len(delta), len(t)
+        n, t = n.to(dev), t.to(dev)
+        x = sched.add_noise(z0.expand(m, -1, -1, -1), n, t)
         want = n if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0.expand_as(n), n, t)
-        e = (emb + delta).expand(len(t), -1, -1)
-        pred = unet(x.to(dt), t, encoder_hidden_states=e.to(dt)).sample
-        return torch.nn.functional.mse_loss(pred.float(), want.float())
+        e = (emb + delta).repeat_interleave(m, 0)
+        pred = unet(x.repeat(b, 1, 1, 1).to(dt), t.repeat(b), encoder_hidden_states=e.to(dt)).sample
+        err = (pred.float() - want.float().repeat(b, 1, 1, 1)) ** 2
+        return err.mean(dim=(1, 2, 3)).view(b, m).mean(1)
+
+    def project(delta: torch.Tensor) -> torch.Tensor:
+        n = delta.flatten(1).norm(dim=1)
+        return delta * torch.where(n > radius, radius / n.clamp_min(1e-12), torch.ones_like(n))[:, None, None]
 
     req = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
     try:
-        delta = torch.zeros_like(emb)
+        delta = torch.zeros((nb, *emb.shape[1:]), device=dev)
         with torch.no_grad():
-            start = float(loss_at(delta, eval_ts, eval_noise))
+            start = float(losses(delta[:1], eval_ts, eval_noise)[0])
         for s in range(steps):
             delta.requires_grad_(True)
-            (grad,) = torch.autograd.grad(loss_at(delta, ts[s], noises[s]), delta)
+            (grad,) = torch.autograd.grad(losses(delta, ts[s], noises[s]).sum(), delta)
             with torch.no_grad():
-                delta = delta - alpha * grad / grad.norm().clamp_min(1e-12)
-                n = float(delta.norm())
-                if n > radius:
-                    delta = delta * (radius / n)
+                step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+                delta = project(delta - alpha[:, None, None] * step)
             delta = delta.detach()
         with torch.no_grad():
-            end = float(loss_at(delta, eval_ts, eval_noise))
+            end = losses(delta, eval_ts, eval_noise).tolist()
     finally:
         for p, r in zip(unet.parameters(), req):
             p.requires_grad_(r)
-    return delta.cpu(), start, end
+    return [(delta[i:i + 1].cpu(), start, end[i]) for i in range(nb)]
 
 
 def random_perturbation(emb: torch.Tensor, budget: float, seed: int) -> torch.Tensor:
@@ -191,10 +200,11 @@ def _cell(images: np.ndarray, target: Target, candidates: dict[str, np.ndarray],
 def audit_target(original: Model, cleaned: Model, target: Target, candidates: dict[str, np.ndarray],
                  settings: AuditSettings, scorers: dict[str, Scorer] | None = None,
                  theta_mem: float | None = None, known: dict[str, np.ndarray] | None = None
-                 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """One target's record and its generations per condition. `known` may hold the unperturbed
-    prompt's generations per model ("original", "cleaned") with the same seeds and sampling,
-    already made by verification: they are not drawn again."""
+                 ) -> tuple[dict, dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """One target's record, its generations per condition, and the attacked embeddings on the
+    cleaned model per budget (77, D). `known` may hold the unperturbed prompt's generations per
+    model ("original", "cleaned") with the same seeds and sampling, already made by
+    verification: they are not drawn again."""
     t0 = time.perf_counter()
     seed = _seed(settings, target.id)
     emb, uncond = encode(original, [target.prompt])
@@ -204,9 +214,8 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
     embs: dict[str, list[torch.Tensor]] = {m: [] if target.role == "control" or m in known else [emb[0]]
                                            for m in models}
     losses: dict[str, list] = {m: [] for m in models}
-    for b in settings.budgets:
-        for name, m in models.items():
-            delta, l0, l1 = attack(m, emb, z0, b, settings, seed)
+    for name, m in models.items():
+        for delta, l0, l1 in attack(m, emb, z0, settings.budgets, settings, seed):
             embs[name].append((emb + delta)[0])
             losses[name].append((round(l0, 6), round(l1, 6)))
     if target.role == "memorized":
@@ -247,7 +256,32 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
             row["random"] = _cell(imgs["random"][k], target, candidates)
         rec["budgets"][str(b)] = row
     rec["seconds"] = round(time.perf_counter() - t0, 2)
-    return rec, {name: imgs[name] for name in imgs}
+    adversarial = {str(b): embs["cleaned"][off + k] for k, b in enumerate(settings.budgets)}
+    return rec, {name: imgs[name] for name in imgs}, adversarial
+
+
+def _keyed_file(folder: Path, target_id: str, suffix: str) -> Path:
+    # Target ids come from the corpus: any text. The file name is a digest of it.
+    return Path(folder) / f"{hashlib.sha256(target_id.encode()).hexdigest()[:16]}{suffix}"
+
+
+def save_adversarial(folder: Path, target_id: str, embs: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(_keyed_file(folder, target_id, ".safetensors")) as tmp:
+        save_file({b: e.detach().float().contiguous().cpu() for b, e in embs.items()}, str(tmp),
+                  metadata={"target": target_id})
+
+
+def load_adversarial(folder: Path, target_id: str) -> dict[str, torch.Tensor]:
+    """The attacked embeddings (per budget) of one memorized target, as `run_audit` saved them."""
+    from safetensors.torch import load_file
+
+    path = _keyed_file(folder, target_id, ".safetensors")
+    if not path.is_file():
+        raise NemoError(f"{path}: adversarial embeddings of audit target {target_id!r} are missing; "
+                        f"rerun with --restart")
+    return load_file(str(path))
 
 
 def summarize(records: list[dict], settings: AuditSettings) -> dict:
@@ -279,11 +313,15 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
               *, theta_mem: float | None = None, scorers: dict[str, Scorer] | None = None,
               control_images: Path | None = None, restart: bool = False,
               known: dict[str, dict[str, np.ndarray]] | None = None, corpus_sha256: str | None = None,
+              adversarial: Path | None = None, pictures: Path | None = None,
               log: Callable[[str], None] = lambda s: None) -> tuple[dict, list]:
     """Audit every memorized prompt (or an evenly spaced subset) and the never-trained controls;
     one JSONL record per target appended as it finishes. `known`: unperturbed generations per
-    target id, as `audit_target` takes them. Returns (audit.json content, example
-    images (label, unperturbed, attacked) of this run's targets for the report)."""
+    target id, as `audit_target` takes them. `adversarial`: a folder where each memorized
+    target's attacked embeddings on the cleaned model are kept (hardening localizes them).
+    `pictures`: a folder for the report's example images, kept so that a resumed audit has them.
+    Returns (audit.json content, example images (label, unperturbed, attacked) for the report,
+    empty without `pictures`)."""
     t0 = time.time()
     if original.shapes != cleaned.shapes:
         raise NemoError("the cleaned model's value layers differ from the original's: not a cleaned copy of it")
@@ -303,18 +341,27 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     done = open_results(results, make_header(config, AUDIT_FORMAT), restart, fmt=AUDIT_FORMAT)
     if done:
         log(f"audit: resuming, {len(done)} of {len(targets)} targets already done in {results}")
-    examples = []
+    shown = [t.id for t in targets if t.role == "memorized"][:EXAMPLES] if pictures is not None else []
     for t in targets:
         if t.id in done:
             continue
-        rec, imgs = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem,
-                                 (known or {}).get(t.id))
+        rec, imgs, adv = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem,
+                                      (known or {}).get(t.id))
+        if adversarial is not None and t.role == "memorized":
+            save_adversarial(adversarial, t.id, adv)  # before the record: a resumed target has both
+        if t.id in shown:
+            with atomic_path(_keyed_file(pictures, t.id, ".npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.concatenate([x[:1] for x in imgs["cleaned"]]))  # unperturbed, then per budget
         append_jsonl(results, rec)
         done[t.id] = rec
         log(describe(rec, len(done), len(targets)))
-        if t.role == "memorized" and len(examples) < 6:
-            examples.append((f"{t.id}: unperturbed / attacked at {', '.join(f'{b:g}' for b in settings.budgets)}",
-                             imgs["cleaned"][0][:1], np.concatenate([x[:1] for x in imgs["cleaned"][1:]])))
+    label = f"unperturbed / attacked at {', '.join(f'{b:g}' for b in settings.budgets)}"
+    examples = []
+    for tid in shown:
+        f = _keyed_file(pictures, tid, ".npy")
+        if f.is_file():
+            x = np.load(f)
+            examples.append((f"{tid}: {label}", x[:1], x[1:]))
     records = [done[t.id] for t in targets]
     summary = summarize(records, settings)
     audit = {"format": AUDIT_FORMAT, "version": 1, "tool": {"name": "nemo-surgery", "version": __version__},

@@ -3,22 +3,49 @@ traceback and unchanged inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import sys
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from nemo_surgery.cli import main
 from tiny import save_tiny_pipeline
 
 COMMANDS = ["calibrate", "detect", "localize", "merge", "apply", "verify", "export", "audit", "build"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nemo_surgery.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(*args: str) -> Result:
+    """The command line's `main()` in this process (a new interpreter per call would cost seconds
+    of imports each); the real process entry point is exercised by test_demo and test_crash.
+    Anything escaping `main()` lands in stderr as a traceback, which the assertions reject."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(sys, "argv", ["nemo-surgery", *args]):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - reported as the traceback a user would see
+            traceback.print_exc(file=err)
+            code = 1
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def tree_hash(p: Path) -> str:
@@ -28,7 +55,7 @@ def tree_hash(p: Path) -> str:
     return h.hexdigest()
 
 
-def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_clean_error(proc: Result, *needles: str) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -41,6 +68,10 @@ def test_version_and_help_on_every_command():
     from nemo_surgery import __version__
 
     assert __version__ in run("--version").stdout
+    # Once as a real process: the module entry point, exit status and streams.
+    proc = subprocess.run([sys.executable, "-m", "nemo_surgery.cli", "build", "--seeds", "x"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: nemo-surgery build:") and not proc.stdout
     for cmd in COMMANDS:
         proc = run(cmd, "--help")
         assert proc.returncode == 0 and "Usage:" in proc.stdout, cmd
@@ -119,6 +150,8 @@ def test_bad_flags_end_in_one_line():
     assert_clean_error(run("audit", "--original", "a", "--cleaned", "b", "--corpus", "c", "--reference", "r",
                            "--audit-budgets", "-0.1"), "positive")
     assert_clean_error(run("no-such-command"), "No such command")
+    assert_clean_error(run("build", "--model", "m", "--corpus", "c", "--reference", "r", "--out", "o", "--no-audit",
+                           "--harden"), "--harden needs the audit")
 
 
 def test_audit_refuses_a_model_that_is_not_a_cleaned_copy(tmp_path, tiny_model):

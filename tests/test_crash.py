@@ -2,9 +2,9 @@
 rerun with the same command, must end in the bundle an uninterrupted run writes; no prompt's
 result lost or duplicated; never a half-written file under a final name. Ctrl-C stops cleanly.
 
-A cut-down demo run keeps each build short (about 20 s): two memorized prompts and one that is
-not, 4 scoring seeds, the search over one layer, a small reference set, 10 DDIM steps when
-sampling, a one-budget audit. Kills are placed stage by stage (a random
+A cut-down demo run keeps each build short (`tiny.cut_down_demo`, `tiny.CUT_DOWN_BUILD`): one
+memorized prompt and one that is not, 4 scoring seeds, the search over the mid block, a small
+reference set, 10 DDIM steps when sampling, a one-budget audit. Kills are placed stage by stage (a random
 delay after the previous stage's end, within the uninterrupted run's duration of that stage),
 so that localization, apply, verify, audit and export are all hit, not just the longest stage.
 """
@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from nemo_surgery.files import TMP_PREFIX
-from tiny import DEMO, DEMO_MODEL
+from tiny import CUT_DOWN_BUILD, DEMO_MODEL, cut_down_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(),
                                                     reason="demo model not trained")]
@@ -43,27 +42,13 @@ STAGES = [("localize", "== calibrate"), ("apply", "== merge"), ("verify", "== ap
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    rows = (DEMO / "mem.csv").read_text().splitlines()
-    keep = [rows[0], rows[2], rows[7]]  # header, the cat (VM), the stallion (VM)
-    for r in keep[1:]:
-        shutil.copy(DEMO / r.split(";")[-1], data / "images")
-    keep.append("99;a small red circle at the top left on blue background;;VM;99;")  # not memorized
-    (data / "mem.csv").write_text("\n".join(keep) + "\n")
-    ref = (DEMO / "reference.csv").read_text().splitlines()
-    (data / "reference.csv").write_text("\n".join(ref[:1] + ref[1::8]) + "\n")
-    return root, data
+    return root, cut_down_demo(root / "data")
 
 
 def _cmd(root: Path, data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL),
             "--corpus", str(data / "mem.csv"), "--reference", str(data / "reference.csv"), "--out", str(out),
-            "--cache-dir", str(root / "cache"), "--seeds", "4", "--calibration-prompts", "6", "--allow-partial",
-            "--force", "--audit-prompts", "1", "--audit-steps", "3", "--audit-budgets", "0.2",
-            "--audit-controls", "1", "--audit-seeds", "2", "--sample-steps", "10",
-            # The search over the mid block alone, unpruned: a real plan (27 neurons) in seconds.
-            "--layers", "mid_block.*", "--no-prune"]
+            "--cache-dir", str(root / "cache"), *CUT_DOWN_BUILD]
 
 
 class Run:
@@ -171,7 +156,7 @@ def test_sigkill_at_random_moments_then_rerun(setup) -> None:
     base_log = "".join(base.lines)
     base_seconds = _stage_seconds(base_log)
     expected = _fingerprint(base_out)
-    assert len(expected["results"]) == 4  # header + 3 prompts
+    assert len(expected["results"]) == 3  # header + 2 prompts
     assert sum(len(v) for v in expected["plan"]["layers"].values()) > 0  # rows really get zeroed
     startup = time.monotonic() - t0 - sum(base_seconds.values())
 

@@ -62,3 +62,29 @@ def save_tiny_pipeline(path: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     pipe.to(dtype=dtype)
     pipe.save_pretrained(path, safe_serialization=safe_serialization)
     return Path(path)
+
+
+def cut_down_demo(data: Path, rows: tuple[int, ...] = (7,)) -> Path:
+    """A small corpus of the demo (by default the stallion, VM, plus one prompt that is not
+    memorized) with its training images, and every 8th reference prompt: a real build on it takes
+    seconds, not minutes."""
+    import shutil
+
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    lines = (DEMO / "mem.csv").read_text().splitlines()
+    keep = [lines[0]] + [lines[i] for i in rows]
+    for r in keep[1:]:
+        shutil.copy(DEMO / r.split(";")[-1], data / "images")
+    keep.append("99;a small red circle at the top left on blue background;;VM;99;")  # not memorized
+    (data / "mem.csv").write_text("\n".join(keep) + "\n")
+    ref = (DEMO / "reference.csv").read_text().splitlines()
+    (data / "reference.csv").write_text("\n".join(ref[:1] + ref[1::8]) + "\n")
+    return data
+
+
+# Flags of a cut-down build: 4 scoring seeds, a small calibration, the search over the mid block
+# alone and unpruned (a real plan of a few dozen neurons in seconds), 10 DDIM steps when sampling,
+# a one-budget audit of one prompt.
+CUT_DOWN_BUILD = ["--seeds", "4", "--calibration-prompts", "6", "--allow-partial", "--force",
+                  "--audit-prompts", "1", "--audit-steps", "3", "--audit-budgets", "0.2", "--audit-controls", "1",
+                  "--audit-seeds", "2", "--sample-steps", "10", "--layers", "mid_block.*", "--no-prune"]

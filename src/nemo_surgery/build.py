@@ -30,6 +30,7 @@ from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchS
 from .model import load_model
 from .plan import Plan
 from .surgery.audit import AuditSettings, pct
+from .surgery.harden import HardenSettings
 
 
 @dataclass
@@ -58,6 +59,7 @@ class BuildOptions:
     audit: AuditSettings | None = field(default_factory=AuditSettings)  # None: skipped
     control_images: Path | None = None
     sampling: GenSettings = field(default_factory=GenSettings)  # full sampling in verification
+    harden: HardenSettings | None = None  # None: no hardening rounds after the audit
 
 
 @dataclass
@@ -126,61 +128,44 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
 
     from .export.bundle import write_sha256sums
     from .surgery.apply import apply_plan
-    from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore
+    from .surgery.harden import Evaluation, harden
+    from .surgery.verify import check_weights
+
+    mem_ids = {str(r["id"]) for r in mem}
+    mem_prompts = [p for p in corpus.prompts if p.id in mem_ids]
+    ref_prompts = [p.text for p in read_corpus(opts.reference).prompts]
 
     with atomic_dir(out) as staged:
-        result = apply_plan(plan, opts.model, staged / "model", force=True)
-        stage("apply", f"{plan.n_neurons} rows zeroed in {len(result.files)} file(s)")
+        def evaluate(plan: Plan, round_: int) -> Evaluation:
+            return _evaluate(opts, engine, corpus, plan, mem_prompts, ref_prompts, staged, work, round_, stage, log)
 
-        weights = check_weights(opts.model, staged / "model", plan)
-        cleaned = load_model(staged / "model", device=str(model.device), dtype=model.unet.dtype)
-        mem_prompts = [p for p in corpus.prompts if p.id in {str(r["id"]) for r in mem}]
-        ref_prompts = [p.text for p in read_corpus(opts.reference).prompts]
-        ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
-        equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
-        mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
-        gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling)
-        # Releasable only if the score says memorization is gone AND, where training images are
-        # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
-        releasable = weights.ok and equiv["exact"] and (
-            not mem_prompts or (mem_v["share"] >= opts.min_mitigated and gen["removed_share"] >= opts.min_mitigated))
-        verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "weights": weights.to_dict(),
-                  "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
-                  "generation_summary": {k: v for k, v in gen.items() if k != "rows"},
-                  "seeds": list(range(opts.score.seed_base, opts.score.seed_base + opts.score.seeds)),
-                  "model_fingerprint": model.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
-                  "tool": {"name": "nemo-surgery", "version": __version__}}
-        stage("verify", f"weights {'ok' if weights.ok else 'FAILED'}, masked==zeroed "
-              f"{'exact' if equiv['exact'] else 'max diff ' + format(equiv['max_abs_diff'], '.2e')}, "
-              f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated, "
-              f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
-              f"training images reproduced {gen.get('reproduced_before', 0)} before, "
-              f"{gen.get('reproduced_after', 0)} after")
+        ev = evaluate(plan, 0)
+        hardening = None
+        if opts.harden is not None and ev.audit:
+            last_round = [ev]
 
-        audit, examples = None, []
-        if opts.audit is not None and mem_prompts:
-            from .localize.score import Scorer
-            from .surgery.audit import run_audit
+            def tracked(plan: Plan, round_: int) -> Evaluation:
+                stage(f"harden (round {round_})", f"adversarial embeddings localized and merged: {plan.n_neurons} "
+                      f"neurons in the plan")
+                last_round[0] = evaluate(plan, round_)
+                return last_round[0]
 
-            clean_scorer = Scorer(cleaned, engine.scorer.settings, engine.scorer.batch_size,
-                                  engine.scorer.autocast_dtype)
-            try:
-                audit, examples = run_audit(
-                    model, cleaned, mem_prompts, ref_prompts, engine.calibration.reference_scores,
-                    opts.calibration_prompts, work / "audit.jsonl", opts.audit,
-                    theta_mem=engine.calibration.theta_mem, scorers={"original": engine.scorer, "cleaned": clean_scorer},
-                    control_images=opts.control_images, restart=opts.restart,
-                    known=samples if opts.audit.generation == opts.sampling else None,
-                    corpus_sha256=corpus.sha256, log=log)
-            finally:
-                clean_scorer.close()
+            ev, hardening = harden(engine, corpus, records, ev, tracked, opts.merge, opts.harden, work,
+                                   opts.restart, log)
+            if last_round[0] is not ev:  # a later round was evaluated but not kept: write the kept plan again
+                apply_plan(ev.plan, opts.model, staged / "model", force=True)
+                weights = check_weights(opts.model, staged / "model", ev.plan)
+                ev.verify["weights"] = weights.to_dict()
+                ev.verify["releasable"] = ev.verify["releasable"] and weights.ok
+            write_json_atomic(staged / "harden.json", hardening)
+            stage("harden", f"kept round {hardening['kept_round']} ({ev.plan.n_neurons} neurons); "
+                  f"{hardening['stopped']}")
+        elif opts.harden is not None:
+            log("== harden: skipped (needs the audit and memorized prompts)")
+        plan, verify, audit = ev.plan, ev.verify, ev.audit
+        releasable = verify["releasable"]
+        if audit is not None:
             write_json_atomic(staged / "audit.json", audit)
-            top = str(opts.audit.budgets[-1])
-            stage("audit", f"re-triggered at budget {top}: cleaned {pct(audit['rate'][top])}, original "
-                  f"{pct(audit['original_rate'][top])}, random {pct(audit['random_rate'][top])}, "
-                  f"never-trained {pct(audit['never_trained_rate'][top])}")
-        elif opts.audit is None:
-            log("== audit: skipped (--no-audit); the model card says so")
 
         if opts.onnx:
             from .export.onnx import export_unet
@@ -191,11 +176,78 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         write_json_atomic(staged / "verify.json", verify)
         plan.save(staged / "plan.json")
         shutil.copyfile(results_path, staged / "results.jsonl")
-        _write_docs(staged, opts, model, plan, records, verify, grid, audit, examples)
+        _write_docs(staged, opts, model, plan, records, verify, ev.extra["grid"], audit, ev.extra["examples"],
+                    hardening)
         write_sha256sums(staged)
         stage("export", "bundle with model card, report and SHA256SUMS")
     shutil.rmtree(work, ignore_errors=True)
     return BuildSummary(out, releasable, rows)
+
+
+def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list, ref_prompts: list[str],
+              staged: Path, work: Path, round_: int, stage: Callable[[str, str], None],
+              log: Callable[[str], None]):
+    """Apply `plan` into the staged bundle, verify it and audit it (round 0: the merged plan; later
+    rounds: hardening's plans)."""
+    from .surgery.apply import apply_plan
+    from .surgery.harden import Evaluation
+    from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore
+
+    tag = f" (round {round_})" if round_ else ""
+    suffix = f"-r{round_}" if round_ else ""
+    model = engine.model
+    result = apply_plan(plan, opts.model, staged / "model", force=True)
+    stage("apply" + tag, f"{plan.n_neurons} rows zeroed in {len(result.files)} file(s)")
+
+    weights = check_weights(opts.model, staged / "model", plan)
+    cleaned = load_model(staged / "model", device=str(model.device), dtype=model.unet.dtype)
+    ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
+    equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
+    mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
+    gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling)
+    # Releasable only if the score says memorization is gone AND, where training images are
+    # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
+    releasable = weights.ok and equiv["exact"] and (
+        not mem_prompts or (mem_v["share"] >= opts.min_mitigated and gen["removed_share"] >= opts.min_mitigated))
+    verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "weights": weights.to_dict(),
+              "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
+              "generation_summary": {k: v for k, v in gen.items() if k != "rows"},
+              "seeds": list(range(opts.score.seed_base, opts.score.seed_base + opts.score.seeds)),
+              "model_fingerprint": model.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
+              "tool": {"name": "nemo-surgery", "version": __version__}}
+    stage("verify" + tag, f"weights {'ok' if weights.ok else 'FAILED'}, masked==zeroed "
+          f"{'exact' if equiv['exact'] else 'max diff ' + format(equiv['max_abs_diff'], '.2e')}, "
+          f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated, "
+          f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
+          f"training images reproduced {gen.get('reproduced_before', 0)} before, "
+          f"{gen.get('reproduced_after', 0)} after")
+
+    audit, examples = None, []
+    adversarial = work / f"adversarial{suffix}"
+    if opts.audit is not None and mem_prompts:
+        from .localize.score import Scorer
+        from .surgery.audit import run_audit
+
+        clean_scorer = Scorer(cleaned, engine.scorer.settings, engine.scorer.batch_size,
+                              engine.scorer.autocast_dtype)
+        try:
+            audit, examples = run_audit(
+                model, cleaned, mem_prompts, ref_prompts, engine.calibration.reference_scores,
+                opts.calibration_prompts, work / f"audit{suffix}.jsonl", opts.audit,
+                theta_mem=engine.calibration.theta_mem, scorers={"original": engine.scorer, "cleaned": clean_scorer},
+                control_images=opts.control_images, restart=opts.restart,
+                known=samples if opts.audit.generation == opts.sampling else None,
+                corpus_sha256=corpus.sha256, adversarial=adversarial if opts.harden else None,
+                pictures=work / f"audit{suffix}.examples", log=log)
+        finally:
+            clean_scorer.close()
+        top = str(opts.audit.budgets[-1])
+        stage("audit" + tag, f"re-triggered at budget {top}: cleaned {pct(audit['rate'][top])}, original "
+              f"{pct(audit['original_rate'][top])}, random {pct(audit['random_rate'][top])}, "
+              f"never-trained {pct(audit['never_trained_rate'][top])}")
+    elif opts.audit is None and round_ == 0:
+        log("== audit: skipped (--no-audit); the model card says so")
+    return Evaluation(plan, verify, audit, adversarial, {"grid": grid, "examples": examples})
 
 
 def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> Plan | None:
@@ -211,7 +263,7 @@ def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> P
 
 
 def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: list[dict], verify: dict,
-                grid: list, audit: dict | None, examples: list) -> None:
+                grid: list, audit: dict | None, examples: list, hardening: dict | None = None) -> None:
     from .export.card import write_model_card
     from .export.records import ReleaseInfo
     from .export.report import write_report
@@ -220,7 +272,7 @@ def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: li
                        tool_version=__version__, model_fingerprint=model.fingerprint, plan=plan.to_dict(),
                        plan_sha256=plan.sha256(), results=records, verify=verify,
                        include_prompts=opts.card_include_prompts, audit=audit, images=grid,
-                       audit_images=examples)
+                       audit_images=examples, hardening=hardening)
     write_model_card(staged / "README.md", info)
     write_report(staged / "report.html", info)
 

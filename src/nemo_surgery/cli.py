@@ -477,11 +477,18 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
 @click.option("--audit/--no-audit", default=True, show_default=True,
               help="Try to re-trigger the removed memorization with optimized embedding perturbations.")
+@click.option("--harden", is_flag=True,
+              help="After the audit, localize the attacks that re-triggered as extra inputs, merge, re-apply and "
+                   "re-audit, for up to --harden-rounds rounds.")
+@click.option("--harden-rounds", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--harden-max-drift", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Stop hardening when this share of reference prompts changes beyond seed noise.")
 @audit_options
 @corpus_run_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
-          card_include_prompts, license_, base_model, force, restart, audit, audit_budgets, audit_steps,
+          card_include_prompts, license_, base_model, force, restart, audit, harden, harden_rounds,
+          harden_max_drift, audit_budgets, audit_steps,
           audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
           allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
@@ -493,7 +500,10 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
     from .engine import Runtime
     from .localize.merge import MergeSettings
     from .localize.settings import ScoreSettings, SearchSettings
+    from .surgery.harden import HardenSettings
 
+    if harden and not audit:
+        raise NemoError("--harden needs the audit: drop --no-audit")
     opts = BuildOptions(
         model=model, corpus=corpus, reference=reference, out=out,
         runtime=Runtime(device, precision, batch_size, allow_pickle),
@@ -506,7 +516,8 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
                               sample_steps) if audit else None,
         control_images=control_images, sampling=GenSettings(steps=sample_steps),
-        ray=_ray_settings(ray_address, workers))
+        ray=_ray_settings(ray_address, workers),
+        harden=HardenSettings(harden_rounds, harden_max_drift) if harden else None)
     s = run_build(opts, log)
     log("\n" + s.table())
     if s.releasable:

@@ -28,8 +28,10 @@ def test_ray_run_matches_local_run(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("chelsea the tabby cat staring sideways\nsilhouette of a galloping stallion\n"
                       "a small red circle at the top left on blue background\n")
-    local, _ = localize(tmp_path, corpus, tmp_path / "local.jsonl")
-    remote, log = localize(tmp_path, corpus, tmp_path / "ray.jsonl", "--ray", "--workers", "2")
+    # The search over the mid block: Ray's sharding is under test here, not the search's breadth.
+    local, _ = localize(tmp_path, corpus, tmp_path / "local.jsonl", "--layers", "mid_block.*")
+    remote, log = localize(tmp_path, corpus, tmp_path / "ray.jsonl", "--layers", "mid_block.*", "--ray",
+                           "--workers", "2")
     assert "ray: 2 CPU actor(s)" in log
     assert local[0]["config_sha256"] == remote[0]["config_sha256"]
     by_id = {r["id"]: r for r in remote[1:]}

@@ -49,8 +49,10 @@ class _Worker:
 
 
 def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
-               log: Callable[[str], None] = lambda s: None) -> Callable[[Iterable[Prompt]], Iterator[dict]]:
-    """A `worker` for `run_corpus`: yields one record per prompt, in completion order."""
+               log: Callable[[str], None] = lambda s: None,
+               model_config: Path | None = None) -> Callable[[Iterable[Prompt]], Iterator[dict]]:
+    """A `worker` for `run_corpus`: yields one record per prompt, in completion order.
+    `model_config`: a single-file model's configs folder, as the driver loaded it."""
     try:
         import ray
     except ImportError:
@@ -72,7 +74,8 @@ def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
             use_gpu = gpus > 0 and engine.model.device.type == "cuda"
             n = settings.workers or (gpus if use_gpu else 2)
             rt = Runtime(device="cuda" if use_gpu else "cpu", precision=_precision(engine),
-                         batch_size=engine.scorer.batch_size, allow_pickle=False)
+                         batch_size=engine.scorer.batch_size, allow_pickle=False,
+                         model_config=Path(model_config).resolve() if model_config else None)
             actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(_Worker)
             args = (str(Path(model_path).resolve()), rt, engine.scorer.settings, engine.search, engine.calibration,
                     settings.threads)

@@ -55,3 +55,60 @@ def test_conversion_alone_round_trips(tmp_path):
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     original = UNet2DConditionModel.from_pretrained(DEMO_MODEL / "unet", local_files_only=True)
     assert len([k for k in keys if k.startswith("model.diffusion_model.")]) == len(original.state_dict())
+
+
+def test_a_single_file_model_needs_its_configs(tmp_path):
+    from nemo_surgery.errors import NemoError
+    from nemo_surgery.model import load_model
+
+    single = to_single_file(DEMO_MODEL, tmp_path / "demo.safetensors")
+    with pytest.raises(NemoError, match="--model-config"):
+        load_model(single)
+    with pytest.raises(NemoError, match="missing unet/config.json"):
+        (tmp_path / "cfg").mkdir()
+        (tmp_path / "cfg" / "model_index.json").write_text("{}")
+        load_model(single, config=tmp_path / "cfg")
+    m = load_model(single, config=DEMO_MODEL)
+    folder = load_model(DEMO_MODEL)
+    assert [v.path for v in m.value_layers] == [v.path for v in folder.value_layers]
+    for v in m.value_layers:
+        assert torch.equal(m.to_v(v.path).weight, folder.to_v(v.path).weight)
+    assert m.stored_dtype == "float32"
+
+
+@pytest.mark.slow
+def test_build_from_a_single_file(tmp_path):
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+
+    from nemo_surgery.surgery.verify import check_weights
+    from tiny import CUT_DOWN_BUILD, cut_down_demo
+
+    single = to_single_file(DEMO_MODEL, tmp_path / "demo.safetensors")
+    before = single.read_bytes()
+    data = cut_down_demo(tmp_path / "data")
+    out = tmp_path / "release"
+    cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(single), "--model-config", str(DEMO_MODEL),
+           "--corpus", str(data / "mem.csv"), "--reference", str(data / "reference.csv"), "--out", str(out),
+           "--cache-dir", str(tmp_path / "cache"), *CUT_DOWN_BUILD]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert single.read_bytes() == before  # the input is only read
+    cleaned = out / "model.safetensors"
+    assert cleaned.is_file() and not (out / "model").exists()
+    assert "model.safetensors" in (out / "SHA256SUMS").read_text()
+    plan = Plan.load(out / "plan.json")
+    assert plan.n_neurons > 0 and check_weights(single, cleaned, plan).ok
+    # The same plan applied to the diffusers folder gives the same weights, as diffusers loads them.
+    folder = apply_plan(plan, DEMO_MODEL, tmp_path / "folder").out
+    a = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    b = StableDiffusionPipeline.from_single_file(str(cleaned), config=str(DEMO_MODEL), local_files_only=True,
+                                                 safety_checker=None, requires_safety_checker=False)
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k].reshape(sa[k].shape)) for k in sa if k in sb and "attn2.to_v" in k)
+    with safe_open(str(cleaned), "pt") as f:
+        assert f.metadata().get("nemo_surgery.plan_sha256") == plan.sha256()
+    verify = __import__("json").loads((out / "verify.json").read_text())
+    assert verify["weights"]["ok"] and verify["equivalence"]["exact"]

@@ -99,6 +99,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         log(f"== {name}: {what} ({now - t:.1f} s)")
         t = now
 
+    if opts.onnx and Path(opts.model).is_file():
+        raise NemoError(f"{opts.model}: --onnx needs a diffusers folder input (export the single file's bundle "
+                        f"with 'nemo-surgery export' after converting it)")
     corpus = read_corpus(opts.corpus, allow_outside_images=opts.allow_outside_images)
     log(f"== corpus: {len(corpus.prompts)} prompts from {opts.corpus}"
         + (f" ({len(corpus.duplicates)} duplicates skipped)" if corpus.duplicates else ""))
@@ -109,7 +112,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     stage("calibrate", f"theta_mem {engine.calibration.theta_mem:.4f} from {engine.calibration.n_reference} prompts")
 
     results_path = work / "results.jsonl"
-    worker = ray_stream(engine, opts.model, opts.ray, log) if opts.ray else None
+    worker = ray_stream(engine, opts.model, opts.ray, log, opts.runtime.model_config) if opts.ray else None
     records = run_corpus(engine, corpus, results_path, restart=opts.restart, log=log, worker=worker)
     mem = [r for r in records if r["memorized"]]
     stage("localize", f"{len(mem)} of {len(records)} prompts memorized; "
@@ -153,8 +156,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
             ev, hardening = harden(engine, corpus, records, ev, tracked, opts.merge, opts.harden, work,
                                    opts.restart, log)
             if last_round[0] is not ev:  # a later round was evaluated but not kept: write the kept plan again
-                apply_plan(ev.plan, opts.model, staged / "model", force=True)
-                weights = check_weights(opts.model, staged / "model", ev.plan)
+                apply_plan(ev.plan, opts.model, bundle_model(opts.model, staged), force=True)
+                weights = check_weights(opts.model, bundle_model(opts.model, staged), ev.plan)
                 ev.verify["weights"] = weights.to_dict()
                 ev.verify["releasable"] = ev.verify["releasable"] and weights.ok
             write_json_atomic(staged / "harden.json", hardening)
@@ -196,11 +199,12 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     tag = f" (round {round_})" if round_ else ""
     suffix = f"-r{round_}" if round_ else ""
     model = engine.model
-    result = apply_plan(plan, opts.model, staged / "model", force=True)
+    out_model = bundle_model(opts.model, staged)
+    result = apply_plan(plan, opts.model, out_model, force=True)
     stage("apply" + tag, f"{plan.n_neurons} rows zeroed in {len(result.files)} file(s)")
 
-    weights = check_weights(opts.model, staged / "model", plan)
-    cleaned = load_model(staged / "model", device=str(model.device), dtype=model.unet.dtype)
+    weights = check_weights(opts.model, out_model, plan)
+    cleaned = load_model(out_model, device=str(model.device), dtype=model.unet.dtype, config=opts.runtime.model_config)
     ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
     equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
     mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
@@ -248,6 +252,12 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     elif opts.audit is None and round_ == 0:
         log("== audit: skipped (--no-audit); the model card says so")
     return Evaluation(plan, verify, audit, adversarial, {"grid": grid, "examples": examples})
+
+
+def bundle_model(model: Path, bundle: Path) -> Path:
+    """Where the cleaned model goes in a bundle: `model/` for a diffusers folder, `model.safetensors`
+    for a single-file checkpoint (the input's own format, key names and metadata)."""
+    return bundle / ("model.safetensors" if Path(model).is_file() else "model")
 
 
 def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> Plan | None:

@@ -477,6 +477,9 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
 @click.option("--audit/--no-audit", default=True, show_default=True,
               help="Try to re-trigger the removed memorization with optimized embedding perturbations.")
+@click.option("--model-config", type=click.Path(path_type=Path), default=None,
+              help="For a single-file --model (.safetensors, original key names): a diffusers folder of the same "
+                   "architecture that gives its configs and tokenizer. The bundle then holds model.safetensors.")
 @click.option("--harden", is_flag=True,
               help="After the audit, localize the attacks that re-triggered as extra inputs, merge, re-apply and "
                    "re-audit, for up to --harden-rounds rounds.")
@@ -487,7 +490,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @corpus_run_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
-          card_include_prompts, license_, base_model, force, restart, audit, harden, harden_rounds,
+          card_include_prompts, license_, base_model, force, restart, audit, model_config, harden, harden_rounds,
           harden_max_drift, audit_budgets, audit_steps,
           audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
           allow_outside_images, ray_address, workers,
@@ -506,7 +509,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         raise NemoError("--harden needs the audit: drop --no-audit")
     opts = BuildOptions(
         model=model, corpus=corpus, reference=reference, out=out,
-        runtime=Runtime(device, precision, batch_size, allow_pickle),
+        runtime=Runtime(device, precision, batch_size, allow_pickle, model_config),
         score=ScoreSettings(seeds=seeds, timestep_index=timestep_index),
         search=SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers, criterion),
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,

@@ -27,6 +27,7 @@ class Runtime:
     precision: str = "fp32"
     batch_size: int = BATCH_SIZE
     allow_pickle: bool = False
+    model_config: Path | None = None  # a single-file checkpoint's configs and tokenizer (a diffusers folder)
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -47,7 +48,7 @@ def open_model(path: Path, runtime: Runtime) -> Model:
     dtype = PRECISIONS[runtime.precision]
     if device == "cpu" and dtype == torch.float16:
         raise NemoError("--precision fp16 needs --device cuda (CPU kernels are fp32/bf16)")
-    return load_model(path, allow_pickle=runtime.allow_pickle, device=device, dtype=dtype)
+    return load_model(path, allow_pickle=runtime.allow_pickle, device=device, dtype=dtype, config=runtime.model_config)
 
 
 def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Path | None,

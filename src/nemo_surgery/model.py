@@ -163,8 +163,11 @@ def check_model_folder(path: Path, allow_pickle: bool = False, parts: tuple[str,
         if path.suffix in PICKLE_SUFFIXES:
             raise NemoError(f"{path}: pickle checkpoints are refused (they can run code when loaded); "
                             f"convert to safetensors, or pass --allow-pickle if you trust the file")
-        raise NemoError(f"{path}: expected a diffusers model folder (model_index.json, unet/, ...); "
-                        f"single-file checkpoints are accepted by 'apply' only")
+        if path.suffix != ".safetensors":
+            raise NemoError(f"{path}: expected a diffusers model folder (model_index.json, unet/, ...) or a "
+                            f"single-file .safetensors checkpoint")
+        read_header(path)
+        return
     if not (path / "model_index.json").is_file():
         raise NemoError(f"{path}: not a diffusers model folder (model_index.json missing)")
     for part in parts:
@@ -185,10 +188,50 @@ def check_model_folder(path: Path, allow_pickle: bool = False, parts: tuple[str,
                 read_header(f)
 
 
+def check_config_folder(path: Path) -> None:
+    """A single-file checkpoint's companion: the configs and tokenizer of a diffusers folder of
+    the same architecture (its weights, if any, are not read)."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise NemoError(f"{path}: --model-config must be a diffusers model folder (model_index.json missing)")
+    for need in ("unet/config.json", "text_encoder/config.json", "vae/config.json",
+                 "scheduler/scheduler_config.json", "tokenizer"):
+        if not (path / need).exists():
+            raise NemoError(f"{path}: --model-config folder is missing {need}")
+
+
+def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
+    """UNet, text encoder, tokenizer, VAE and scheduler config of an original (LDM-keyed)
+    single-file checkpoint, converted by diffusers' own `from_single_file`, offline."""
+    from diffusers import StableDiffusionPipeline
+
+    if config is None:
+        raise NemoError(f"{path}: a single-file checkpoint needs --model-config DIR (a diffusers folder of the "
+                        f"same architecture, for its configs and tokenizer)")
+    check_config_folder(config)
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    if not any(k.startswith("model.diffusion_model.") for k in read_header(path).tensors):
+        raise NemoError(f"{path}: not an original Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
+    return (pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae if with_vae else None,
+            dict(pipe.scheduler.config))
+
+
+def _stored_dtype(path: Path, unet: nn.Module) -> str:
+    """The checkpoint's own dtype of the value weights (a single file may load converted)."""
+    if path.is_file():
+        names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        for k, t in read_header(path).tensors.items():
+            if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_v.weight"):
+                return names.get(t.dtype, t.dtype.lower())
+    return str(next(unet.parameters()).dtype).replace("torch.", "")
+
+
 def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
-               dtype: torch.dtype = torch.float32, with_vae: bool = True) -> Model:
-    """Load the parts NeMo needs from a local diffusers folder, offline, safetensors only unless
-    `allow_pickle`. Never executes code from the folder (no custom pipelines or remote code)."""
+               dtype: torch.dtype = torch.float32, with_vae: bool = True, config: Path | None = None) -> Model:
+    """Load the parts NeMo needs from a local diffusers folder, or from a single-file checkpoint
+    with `config` (a diffusers folder giving its configs and tokenizer), offline, safetensors only
+    unless `allow_pickle`. Never executes code from the folder (no custom pipelines or remote code)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -197,18 +240,21 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     kw: dict[str, Any] = dict(local_files_only=True)
     use_st = None if allow_pickle else True
     try:
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_st, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_st, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
-        vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_st, **kw) if with_vae else None
-        sched_file = path / "scheduler" / "scheduler_config.json"
-        scheduler_config = json.loads(sched_file.read_text())
+        if path.is_file():
+            unet, text_encoder, tokenizer, vae, scheduler_config = _load_single_file(path, config, with_vae)
+        else:
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_st, **kw)
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_st, **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
+            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_st, **kw) if with_vae else None
+            sched_file = path / "scheduler" / "scheduler_config.json"
+            scheduler_config = json.loads(sched_file.read_text())
     except NemoError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoError(f"{path}: cannot load model ({first})") from None
-    stored = str(next(unet.parameters()).dtype).replace("torch.", "")
+    stored = _stored_dtype(path, unet)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     layers = discover_value_layers(unet)

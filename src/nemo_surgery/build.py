@@ -1,9 +1,11 @@
-"""`build`: calibrate, detect, localize, merge, apply, verify and export in one resumable run.
+"""`build`: calibrate, detect, localize, merge, apply, verify, audit (then, with `--harden`,
+rounds of re-localization against the audit's attacks) and export in one resumable run.
 
 The composition root of the stages. Work in progress lives in `<out>.work/` (calibration cache,
-results appended per prompt, the plan); the bundle is assembled under a temporary name beside
-`<out>` and renamed onto it in one step, so `<out>` is either absent, the previous bundle, or the
-complete new one. Rerunning the same command resumes: finished prompts and a matching plan are
+results appended per prompt, the plan, the audit's records and attacked embeddings, hardening's
+per-round records and plans); the bundle is assembled under a temporary name beside `<out>` and
+renamed onto it in one step, so `<out>` is either absent, the previous bundle, or the complete new
+one. Rerunning the same command resumes: finished prompts, audit targets and a matching plan are
 reused; apply, verify and export run again (seconds to a minute).
 """
 

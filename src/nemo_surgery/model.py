@@ -206,8 +206,8 @@ def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
     from diffusers import StableDiffusionPipeline
 
     if config is None:
-        raise NemoError(f"{path}: a single-file checkpoint needs --model-config DIR (a diffusers folder of the "
-                        f"same architecture, for its configs and tokenizer)")
+        raise NemoError(f"{path}: a single-file checkpoint needs the configs and tokenizer of a diffusers folder of "
+                        f"the same architecture (build --model-config DIR; other commands take that folder itself)")
     check_config_folder(config)
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..corpus import Corpus
+from ..errors import NemoError
 from ..plan import Plan
 from .runner import Engine
 from .search import Checker, Criterion, Neurons, Unit, _sorted, count
@@ -159,6 +161,24 @@ def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Mer
                   "score": engine.scorer.settings.to_dict(), "calibration": calibration},
         check=check,
     )
+
+
+def cached_plan(path: Path, digest_key: str, digest: str, settings: MergeSettings, make: Callable[[], Plan]) -> Plan:
+    """The plan saved at `path` when it was merged from the same inputs (`settings[digest_key]`
+    equal to `digest`) with the same merge settings: a resumed run skips the merge. Otherwise
+    `make()`'s plan, saved there with the digest."""
+    if path.is_file():
+        try:
+            plan = Plan.load(path)
+        except NemoError:
+            plan = None
+        same = plan is not None and plan.settings.get(digest_key) == digest
+        if same and plan.settings.get("merge") == asdict(settings):
+            return plan
+    plan = make()
+    plan.settings[digest_key] = digest
+    plan.save(path)
+    return plan
 
 
 def as_neurons(plan: Plan) -> Neurons:

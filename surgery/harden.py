@@ -24,7 +24,7 @@ import torch
 
 from ..errors import NemoError
 from ..files import append_jsonl, canonical_json, sha256_bytes
-from ..localize.merge import MergeSettings, as_neurons, make_plan
+from ..localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from ..localize.runner import Engine, describe, make_header, open_results, process_embedding, records_digest
 from ..plan import Plan
 from .audit import load_adversarial
@@ -177,14 +177,5 @@ def _merged_plan(engine: Engine, corpus, records: list[dict], merge: MergeSettin
     """The merge over corpus and adversarial records, reused from `path` when the records and
     embeddings are the same (a resumed build)."""
     key = sha256_bytes(canonical_json([records_digest(records), sorted(embeddings)]).encode())
-    if path.is_file():
-        try:
-            plan = Plan.load(path)
-            if plan.settings.get("harden_digest") == key and plan.settings.get("merge") == asdict(merge):
-                return plan
-        except NemoError:
-            pass
-    plan = make_plan(engine, corpus, records, merge, log, embeddings)
-    plan.settings["harden_digest"] = key
-    plan.save(path)
-    return plan
+    return cached_plan(path, "harden_digest", key, merge,
+                       lambda: make_plan(engine, corpus, records, merge, log, embeddings))

@@ -25,7 +25,7 @@ from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
 from .generation import GenSettings
 from .files import atomic_dir, clean_stale_tmp, write_json_atomic
-from .localize.merge import MergeSettings, as_neurons, make_plan
+from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.distributed import RaySettings, ray_stream
 from .localize.runner import records_digest, run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
@@ -120,13 +120,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     stage("localize", f"{len(mem)} of {len(records)} prompts memorized; "
           f"{sum(r.get('mitigated', False) for r in mem)} mitigated by their own set")
 
-    plan_path = work / "plan.json"
-    results_sha = records_digest(records)
-    plan = _load_matching_plan(plan_path, results_sha, opts.merge)
-    if plan is None:
-        plan = make_plan(engine, corpus, records, opts.merge, log)
-        plan.settings["results_digest"] = results_sha
-        plan.save(plan_path)
+    plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
+                       lambda: make_plan(engine, corpus, records, opts.merge, log))
     ch = plan.check
     stage("merge", f"{ch['union_neurons']} neurons in the union -> {plan.n_neurons} in the plan; "
           f"mitigates {ch['mitigated_share']:.0%} of memorized prompts")
@@ -147,19 +142,18 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         ev = evaluate(plan, 0)
         hardening = None
         if opts.harden is not None and ev.audit:
-            last_round = [ev]
-
-            def tracked(plan: Plan, round_: int) -> Evaluation:
+            def evaluate_round(plan: Plan, round_: int) -> Evaluation:
                 stage(f"harden (round {round_})", f"adversarial embeddings localized and merged: {plan.n_neurons} "
                       f"neurons in the plan")
-                last_round[0] = evaluate(plan, round_)
-                return last_round[0]
+                return evaluate(plan, round_)
 
-            ev, hardening = harden(engine, corpus, records, ev, tracked, opts.merge, opts.harden, work,
+            ev, hardening = harden(engine, corpus, records, ev, evaluate_round, opts.merge, opts.harden, work,
                                    opts.restart, log)
-            if last_round[0] is not ev:  # a later round was evaluated but not kept: write the kept plan again
-                apply_plan(ev.plan, opts.model, bundle_model(opts.model, staged), force=True)
-                weights = check_weights(opts.model, bundle_model(opts.model, staged), ev.plan)
+            if hardening["kept_round"] != hardening["rounds"][-1]["round"]:
+                # A later round was evaluated but not kept: the staged model is its; write the kept plan again.
+                out_model = bundle_model(opts.model, staged)
+                apply_plan(ev.plan, opts.model, out_model, force=True)
+                weights = check_weights(opts.model, out_model, ev.plan)
                 ev.verify["weights"] = weights.to_dict()
                 ev.verify["releasable"] = ev.verify["releasable"] and weights.ok
             write_json_atomic(staged / "harden.json", hardening)
@@ -260,18 +254,6 @@ def bundle_model(model: Path, bundle: Path) -> Path:
     """Where the cleaned model goes in a bundle: `model/` for a diffusers folder, `model.safetensors`
     for a single-file checkpoint (the input's own format, key names and metadata)."""
     return bundle / ("model.safetensors" if Path(model).is_file() else "model")
-
-
-def _load_matching_plan(path: Path, results_sha: str, merge: MergeSettings) -> Plan | None:
-    if not path.is_file():
-        return None
-    try:
-        plan = Plan.load(path)
-    except NemoError:
-        return None
-    if plan.settings.get("results_digest") != results_sha or plan.settings.get("merge") != asdict(merge):
-        return None
-    return plan
 
 
 def _write_docs(staged: Path, opts: BuildOptions, model, plan: Plan, records: list[dict], verify: dict,

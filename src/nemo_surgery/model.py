@@ -200,31 +200,29 @@ def check_config_folder(path: Path) -> None:
             raise NemoError(f"{path}: --model-config folder is missing {need}")
 
 
+ST_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
-    """UNet, text encoder, tokenizer, VAE and scheduler config of an original (LDM-keyed)
-    single-file checkpoint, converted by diffusers' own `from_single_file`, offline."""
+    """UNet, text encoder, tokenizer, VAE, scheduler config and the value weights' stored dtype of
+    an original (LDM-keyed) single-file checkpoint, converted by diffusers' own
+    `from_single_file`, offline. The dtype comes from the file: the conversion may change it."""
     from diffusers import StableDiffusionPipeline
 
     if config is None:
         raise NemoError(f"{path}: a single-file checkpoint needs the configs and tokenizer of a diffusers folder of "
                         f"the same architecture (build --model-config DIR; other commands take that folder itself)")
     check_config_folder(config)
+    tensors = read_header(path).tensors
+    unet_keys = [k for k in tensors if k.startswith("model.diffusion_model.")]
+    if not unet_keys:
+        raise NemoError(f"{path}: not an original Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
+    value = [tensors[k].dtype for k in unet_keys if k.endswith("attn2.to_v.weight")]
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
-    if not any(k.startswith("model.diffusion_model.") for k in read_header(path).tensors):
-        raise NemoError(f"{path}: not an original Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
+    stored = ST_DTYPE_NAMES.get(value[0], value[0].lower()) if value else None
     return (pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae if with_vae else None,
-            dict(pipe.scheduler.config))
-
-
-def _stored_dtype(path: Path, unet: nn.Module) -> str:
-    """The checkpoint's own dtype of the value weights (a single file may load converted)."""
-    if path.is_file():
-        names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-        for k, t in read_header(path).tensors.items():
-            if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_v.weight"):
-                return names.get(t.dtype, t.dtype.lower())
-    return str(next(unet.parameters()).dtype).replace("torch.", "")
+            dict(pipe.scheduler.config), stored)
 
 
 def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
@@ -240,8 +238,9 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     kw: dict[str, Any] = dict(local_files_only=True)
     use_st = None if allow_pickle else True
     try:
+        stored = None
         if path.is_file():
-            unet, text_encoder, tokenizer, vae, scheduler_config = _load_single_file(path, config, with_vae)
+            unet, text_encoder, tokenizer, vae, scheduler_config, stored = _load_single_file(path, config, with_vae)
         else:
             unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_st, **kw)
             text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_st, **kw)
@@ -254,7 +253,7 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoError(f"{path}: cannot load model ({first})") from None
-    stored = _stored_dtype(path, unet)
+    stored = stored or str(next(unet.parameters()).dtype).replace("torch.", "")
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     layers = discover_value_layers(unet)

@@ -3,7 +3,10 @@ the same prompts, same model, same machine, checking that both find the same set
 
     python bench/bench_localize.py [--model examples/demo/model] [--prompts 4] [--device cpu]
 
-Prints seconds per prompt and UNet sample-passes per prompt for both, and their ratios.
+The plain algorithm runs as the published code does: torch, one candidate per UNet pass. The
+engine runs twice: on torch (what batching, early exit and shared work alone give) and on the
+backend `auto` picks (onnxruntime on a CPU). Prints seconds and UNet sample-passes per prompt for
+each, and the ratios.
 """
 
 from __future__ import annotations
@@ -39,58 +42,73 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args()
 
-    rt = Runtime(args.device, args.precision, args.batch_size)
-    model = open_model(args.model, rt)
-    eng = make_engine(model, args.reference, rt, search=SearchSettings(layers=args.layers), cache_dir=args.cache_dir,
-                      log=lambda s: print(s, file=sys.stderr))
-    sc = eng.scorer
-    prompts = [p for p in read_corpus(args.corpus).prompts]
+    search = SearchSettings(layers=args.layers)
+
+    def engine(backend: str):
+        rt = Runtime(args.device, args.precision, args.batch_size, backend=backend)
+        model = open_model(args.model, rt)
+        return make_engine(model, args.reference, rt, search=search, cache_dir=args.cache_dir,
+                           log=lambda s: print(s, file=sys.stderr))
+
+    plain_eng = engine("torch")
+    engines = {"torch": plain_eng}
+    fast = engine("auto")
+    if fast.scorer.settings.backend != "torch":
+        engines[fast.scorer.settings.backend] = fast
+    cuda = plain_eng.model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(sc, f):
+        n0 = sc.sample_passes
+        sync()
+        t0 = time.perf_counter()
+        out = f()
+        sync()
+        return out, time.perf_counter() - t0, sc.sample_passes - n0
+
     rows = []
-    for p in prompts:
+    for p in read_corpus(args.corpus).prompts:
         if len(rows) >= args.prompts:
             break
-        emb = sc.embed([p.text])
-        d = sc.prompt_noise_diffs(emb)
-        det = detect(sc, d, eng.calibration.theta_mem)
+        sc = plain_eng.scorer
+        det = detect(sc, sc.prompt_noise_diffs(sc.embed([p.text])), plain_eng.calibration.theta_mem)
         if not det.memorized:
             continue
-        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-        n0 = sc.sample_passes
-        sync()
-        t0 = time.perf_counter()
-        ref = plain_nemo(sc, eng.calibration, eng.layers, p.text, eng.search)
-        sync()
-        t_plain, n_plain = time.perf_counter() - t0, sc.sample_passes - n0
-        n0 = sc.sample_passes
-        t0 = time.perf_counter()
-        emb = sc.embed([p.text])
-        d = sc.prompt_noise_diffs(emb)
-        det = detect(sc, d, eng.calibration.theta_mem)
-        got = eng.localizer.localize(p.id, p.text, p.type, emb, d, det)
-        sync()
-        t_fast, n_fast = time.perf_counter() - t0, sc.sample_passes - n0
-        same = got.initial == ref["initial"] and got.refined == ref["refined"]
-        rows.append((p.id, p.type, t_plain, n_plain, t_fast, n_fast, same, len(got.near_threshold),
-                     sum(len(v) for v in got.refined.values())))
-        print(f"{p.id:>4} {p.type or '-':2} plain {t_plain:7.2f} s {n_plain:6d} samples | batched {t_fast:6.2f} s "
-              f"{n_fast:6d} samples | x{t_plain / t_fast:4.1f} time, x{n_plain / max(1, n_fast):4.1f} samples | "
-              f"same sets: {same} ({got.near_threshold and 'near-threshold decisions' or 'no fragile decisions'}), "
-              f"{rows[-1][-1]} neurons", flush=True)
+        ref, t_plain, n_plain = timed(sc, lambda: plain_nemo(sc, plain_eng.calibration, plain_eng.layers, p.text,
+                                                              plain_eng.search))
+        row = {"id": p.id, "plain": (t_plain, n_plain)}
+        line = f"{p.id:>4} {p.type or '-':2} plain {t_plain:6.2f} s {n_plain:5d} samples"
+        for name, eng in engines.items():
+            def run(eng=eng):
+                s = eng.scorer
+                emb = s.embed([p.text])
+                d = s.prompt_noise_diffs(emb)
+                det = detect(s, d, eng.calibration.theta_mem)
+                return eng.localizer.localize(p.id, p.text, p.type, emb, d, det)
+
+            got, t, n = timed(eng.scorer, run)
+            same = got.initial == ref["initial"] and got.refined == ref["refined"]
+            row[name] = (t, n, same, bool(got.near_threshold))
+            line += (f" | {name} {t:6.2f} s {n:5d} samples x{t_plain / t:4.2f}"
+                     f" {'same sets' if same else 'SETS DIFFER'}{' (near-threshold decisions)' if got.near_threshold else ''}")
+        rows.append(row)
+        print(line, flush=True)
     if not rows:
         print("no memorized prompt found")
         return
-    tp = sum(r[2] for r in rows) / len(rows)
-    np_ = sum(r[3] for r in rows) / len(rows)
-    tf = sum(r[4] for r in rows) / len(rows)
-    nf = sum(r[5] for r in rows) / len(rows)
-    dev = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nmachine: {dev}; torch {torch.__version__}; layers {args.layers}; batch {args.batch_size}; "
-          f"precision {args.precision}")
-    print(f"plain sequential: {tp:.2f} s/prompt, {np_:.0f} UNet samples/prompt")
-    print(f"batched engine:   {tf:.2f} s/prompt, {nf:.0f} UNet samples/prompt")
-    print(f"speed-up: x{tp / tf:.2f} time, x{np_ / nf:.2f} samples; identical sets on "
-          f"{sum(r[6] for r in rows)}/{len(rows)} prompts")
 
+    def mean(key: str, i: int) -> float:
+        return sum(r[key][i] for r in rows) / len(rows)
+
+    dev = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nmachine: {dev}; torch {torch.__version__}; layers {args.layers}; batch {args.batch_size}; "
+          f"precision {args.precision}; {len(rows)} memorized prompts")
+    print(f"plain sequential (torch): {mean('plain', 0):.2f} s/prompt, {mean('plain', 1):.0f} UNet samples/prompt")
+    for name in engines:
+        same = sum(r[name][2] for r in rows)
+        print(f"batched engine ({name}): {mean(name, 0):.2f} s/prompt, {mean(name, 1):.0f} UNet samples/prompt: "
+              f"x{mean('plain', 0) / mean(name, 0):.2f} time, x{mean('plain', 1) / mean(name, 1):.2f} samples; "
+              f"identical sets on {same}/{len(rows)} prompts")
 
 if __name__ == "__main__":
     main()

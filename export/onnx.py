@@ -173,25 +173,26 @@ def _value_infos(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return [info(v) for v in graph.input if v.name not in init], [info(v) for v in graph.output]
 
 
-def _ort_session(path: Path) -> Any:
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    """A CPU session on `threads` intra-op threads (default: torch's thread budget)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # Respect the process's thread budget instead of onnxruntime's default of every core.
-    so.intra_op_num_threads = max(1, torch.get_num_threads())
+    so.intra_op_num_threads = max(1, threads if threads is not None else torch.get_num_threads())
     # Spinning workers burn the cores they wait on; on a shared or busy machine that turns a
     # sub-second check into many seconds.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _check(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
+def check_onnx(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
            tolerance: float, part: str) -> float:
     import numpy as np
 
     try:
-        got = _ort_session(path).run(outputs, {k: v.numpy() for k, v in inputs.items()})
+        got = ort_session(path).run(outputs, {k: v.numpy() for k, v in inputs.items()})
     except Exception as e:
         raise NemoError(f"ONNX check of the {part} failed: onnxruntime cannot run it ({_one_line(e)})") from None
     with torch.no_grad():
@@ -212,9 +213,12 @@ def _check(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], outpu
     return diff
 
 
-def _export_part(part: str, folder: str, module: nn.Module, make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
-                 outputs: list[str], out: Path, *, opset: int, check: bool, seed: int, tolerance: float,
-                 external_data: bool | None) -> OnnxReport:
+def export_module(part: str, folder: str, module: nn.Module, make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
+                  outputs: list[str], out: Path, *, opset: int, check: bool, seed: int, tolerance: float,
+                  external_data: bool | None) -> OnnxReport:
+    """Export `module` to `out/folder/model.onnx` (atomically), check it against torch on
+    `make_inputs(CHECK_BATCH, seed)` and describe it. `make_inputs(batch, seed)` gives the named
+    inputs, batch first."""
     import onnx
     import onnxruntime
 
@@ -250,7 +254,7 @@ def _export_part(part: str, folder: str, module: nn.Module, make_inputs: Callabl
             diff = check_seconds = None
             if check:
                 t1 = time.perf_counter()
-                diff = _check(tmp / "model.onnx", module, make_inputs(CHECK_BATCH, seed), outputs, tolerance, part)
+                diff = check_onnx(tmp / "model.onnx", module, make_inputs(CHECK_BATCH, seed), outputs, tolerance, part)
                 check_seconds = time.perf_counter() - t1
             ins, outs = _value_infos(tmp / "model.onnx")
             size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
@@ -295,7 +299,7 @@ def export_unet(model_dir: Path, out: Path, *, opset: int = 17, check: bool = Tr
             d["time_ids"] = torch.randint(0, 1025, (batch, n_time), generator=g).float()
         return d
 
-    return _export_part("UNet", "unet", _UNetWrapper(unet, text_time), make_inputs, ["out_sample"], out,
+    return export_module("UNet", "unet", _UNetWrapper(unet, text_time), make_inputs, ["out_sample"], out,
                         opset=opset, check=check, seed=seed, tolerance=tolerance, external_data=external_data)
 
 
@@ -321,7 +325,7 @@ def export_text_encoder(model_dir: Path, out: Path, *, opset: int = 17, check: b
                 ids[i, 1 + (3 * i + seq // 4) % max(1, seq - 1):] = cfg.eos_token_id
         return {"input_ids": ids}
 
-    return _export_part("text encoder", "text_encoder", _TextWrapper(te), make_inputs,
+    return export_module("text encoder", "text_encoder", _TextWrapper(te), make_inputs,
                         ["last_hidden_state", "pooler_output"], out, opset=opset, check=check, seed=seed,
                         tolerance=tolerance, external_data=external_data)
 
@@ -342,5 +346,5 @@ def export_vae_decoder(model_dir: Path, out: Path, *, opset: int = 17, check: bo
         g = torch.Generator().manual_seed(s)
         return {"latent_sample": torch.randn(batch, cfg.latent_channels, h, w, generator=g)}
 
-    return _export_part("VAE decoder", "vae_decoder", _VaeDecoderWrapper(vae), make_inputs, ["sample"], out,
+    return export_module("VAE decoder", "vae_decoder", _VaeDecoderWrapper(vae), make_inputs, ["sample"], out,
                         opset=opset, check=check, seed=seed, tolerance=tolerance, external_data=external_data)

@@ -31,17 +31,16 @@ class RaySettings:
 
 
 class _Worker:
-    def __init__(self, model: str, runtime, score, search, calibration, threads: int):
+    def __init__(self, model: str, runtime, score, search, calibration, threads: int, cache_dir: str | None):
         import torch
 
-        from ..engine import PRECISIONS, open_model
+        from ..engine import make_scorer, open_model
         from ..model import select_layers
-        from .score import Scorer
 
         torch.set_num_threads(threads)
         m = open_model(Path(model), runtime)
-        autocast = None if runtime.precision == "fp32" else PRECISIONS[runtime.precision]
-        scorer = Scorer(m, score, runtime.batch_size, autocast)
+        # The driver's backend; its cached ONNX graph is reused where the cache folder is shared.
+        scorer = make_scorer(m, runtime, score, Path(cache_dir) if cache_dir else None)
         self.engine = Engine(m, scorer, calibration, select_layers(m.value_layers, search.layers), search)
 
     def run(self, prompt: Prompt) -> dict:
@@ -50,9 +49,11 @@ class _Worker:
 
 def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
                log: Callable[[str], None] = lambda s: None,
-               model_config: Path | None = None) -> Callable[[Iterable[Prompt]], Iterator[dict]]:
+               model_config: Path | None = None,
+               cache_dir: Path | None = None) -> Callable[[Iterable[Prompt]], Iterator[dict]]:
     """A `worker` for `run_corpus`: yields one record per prompt, in completion order.
-    `model_config`: a single-file model's configs folder, as the driver loaded it."""
+    `model_config`: a single-file model's configs folder, as the driver loaded it; `cache_dir`:
+    the driver's cache (the ONNX search graph)."""
     try:
         import ray
     except ImportError:
@@ -75,10 +76,11 @@ def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
             n = settings.workers or (gpus if use_gpu else 2)
             rt = Runtime(device="cuda" if use_gpu else "cpu", precision=_precision(engine),
                          batch_size=engine.scorer.batch_size, allow_pickle=False,
-                         model_config=Path(model_config).resolve() if model_config else None)
+                         model_config=Path(model_config).resolve() if model_config else None,
+                         backend=engine.scorer.settings.backend if not use_gpu else "torch")
             actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(_Worker)
             args = (str(Path(model_path).resolve()), rt, engine.scorer.settings, engine.search, engine.calibration,
-                    settings.threads)
+                    settings.threads, str(Path(cache_dir).resolve()) if cache_dir else None)
             actors = [actor_cls.remote(*args) for _ in range(min(n, len(todo)))]
             log(f"ray: {len(actors)} {'GPU' if use_gpu else 'CPU'} actor(s) on {ray.cluster_resources()}")
             idle = list(actors)

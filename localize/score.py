@@ -7,8 +7,10 @@ the MS-SSIM window) and counts every UNet sample-pass it spends.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _msssim
@@ -16,6 +18,9 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from ..model import Model, ValueLayer
 from .masks import NeuronSet, ValueMasks
 from .settings import BATCH_SIZE, MsSsim, ScoreSettings
+
+if TYPE_CHECKING:
+    from .ort_unet import OrtUNet
 
 MAX_TOKENS = 77  # CLIP's context
 
@@ -25,8 +30,7 @@ def resolve_settings(model: Model, settings: ScoreSettings) -> ScoreSettings:
     fitted = MsSsim.for_size(model.latent_size)
     if fitted.published:  # the published window fits: keep what was asked
         return settings
-    return ScoreSettings(settings.seeds, settings.inference_steps, settings.timestep_index,
-                         settings.guidance, fitted, settings.seed_base)
+    return dataclasses.replace(settings, msssim=fitted)
 
 
 @torch.no_grad()
@@ -41,12 +45,16 @@ def value_activations(model: Model, emb: torch.Tensor, layers: list[ValueLayer])
 
 
 class Scorer:
+    """`unet`: runs the UNet instead of torch (`ort_unet.OrtUNet`); None runs the model's UNet."""
+
     def __init__(self, model: Model, settings: ScoreSettings, batch_size: int = BATCH_SIZE,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, unet: "OrtUNet | None" = None):
         from diffusers import DDIMScheduler
 
         self.model = model
-        self.settings = resolve_settings(model, settings)
+        self.unet = unet
+        self.settings = dataclasses.replace(resolve_settings(model, settings),
+                                            backend="torch" if unet is None else "onnxruntime")
         self.batch_size = max(1, batch_size)
         self.autocast_dtype = autocast_dtype
         self.device = model.device
@@ -89,9 +97,12 @@ class Scorer:
             x = latents[sl].to(self.device)
             e = emb[sl].to(self.device)
             chunk_sets = None if sets is None else list(sets[sl])
-            with self.masks.active(chunk_sets, self.device), self._autocast():
-                eps = self.model.unet(x.to(self.model.unet.dtype), self.timestep,
-                                      encoder_hidden_states=e.to(self.model.unet.dtype)).sample
+            if self.unet is not None:
+                eps = self.unet(x, self.timestep, e, chunk_sets)
+            else:
+                with self.masks.active(chunk_sets, self.device), self._autocast():
+                    eps = self.model.unet(x.to(self.model.unet.dtype), self.timestep,
+                                          encoder_hidden_states=e.to(self.model.unet.dtype)).sample
             self.sample_passes += len(x)
             outs.append(eps.float() - x.float())
         d = torch.cat(outs)
@@ -132,3 +143,5 @@ class Scorer:
 
     def close(self) -> None:
         self.masks.remove()
+        if self.unet is not None:
+            self.unet.close()

@@ -75,6 +75,9 @@ class ScoreSettings:
     guidance: float = GUIDANCE
     msssim: MsSsim = field(default_factory=MsSsim)
     seed_base: int = 0  # seed i uses torch.Generator().manual_seed(seed_base + i)
+    # What ran the UNet: "torch" or "onnxruntime" (CPU). Set by the Scorer from what it was given;
+    # recorded because the two agree within float noise, not bit for bit.
+    backend: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,5 +1,6 @@
-"""Localization on tiny in-code models: masks vs surgery, calibration cache, the batched engine
-against the plain published algorithm, resumable results, the merge."""
+"""Localization on tiny in-code models: masks vs surgery, the onnxruntime backend against torch,
+calibration cache, the batched engine against the plain published algorithm, resumable results,
+the merge."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 
 from nemo_surgery.corpus import read_corpus
-from nemo_surgery.engine import Runtime, make_engine
+from nemo_surgery.engine import Runtime, make_engine, make_scorer
 from nemo_surgery.errors import NemoError
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
+from nemo_surgery.localize.ort_unet import open_ort_unet
 from nemo_surgery.localize.runner import run_corpus
+from nemo_surgery.localize.score import Scorer
 from nemo_surgery.localize.search import Localizer
 from nemo_surgery.localize.settings import MsSsim, ScoreSettings, SearchSettings
 from nemo_surgery.model import load_model, zeroed_rows
@@ -38,7 +41,12 @@ def tiny(tmp_path_factory):
     model = load_model(model_dir)
     engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(),
                          cache_dir=root / "cache")
+    assert engine.scorer.settings.backend == "onnxruntime"  # what `auto` picks on a CPU
     return root, model, engine, ref, corpus
+
+
+def torch_scorer(engine) -> Scorer:
+    return Scorer(engine.model, engine.scorer.settings, engine.scorer.batch_size)
 
 
 def force_memorized(engine, theta=0.05):
@@ -56,7 +64,7 @@ def test_msssim_window_fits_small_latents():
 
 def test_masks_equal_zeroed_rows_bit_for_bit(tiny):
     _, model, engine, _, _ = tiny
-    sc = engine.scorer
+    sc = torch_scorer(engine)
     neurons = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v": frozenset({0, 3, 7}),
                "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v": frozenset({1})}
     emb = sc.embed(["official portrait of astronaut eileen collins"]).expand(4, -1, -1)
@@ -69,6 +77,51 @@ def test_masks_equal_zeroed_rows_bit_for_bit(tiny):
     # per-sample masks: only sample 1 blocked
     mixed = sc.noise_diff(emb, sc.latents, [{}, neurons, {}, {}])
     assert torch.equal(mixed[1], masked[1]) and torch.equal(mixed[0], plain[0])
+
+
+def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
+    root, model, engine, _, _ = tiny
+    fast, exact = engine.scorer, torch_scorer(engine)
+    layers = [v.path for v in model.value_layers]
+    emb = exact.embed(["official portrait of astronaut eileen collins"]).expand(8, -1, -1)
+    lat = exact.latents.repeat(2, 1, 1, 1)
+    # per-sample sets over several layers, up path included, and unmasked samples
+    sets = [{}, {layers[0]: frozenset({0, 1})}, {layers[3]: frozenset(range(5)), layers[-1]: frozenset({2})}, {},
+            {layers[6]: frozenset({4})}, {}, {layers[1]: frozenset({3}), layers[9]: frozenset({0, 7})}, {}]
+    want = exact.noise_diff(emb, lat, sets)
+    got = fast.noise_diff(emb, lat, sets)
+    assert (got - want).abs().max() < 1e-4
+    assert not torch.equal(want[1], want[0])  # the masks changed something the check can see
+    # A sample's result does not depend on how the batch is cut over the worker threads.
+    one = fast.unet.threads
+    fast.unet.threads = 1
+    try:
+        assert (fast.noise_diff(emb, lat, sets) - got).abs().max() < 1e-6
+    finally:
+        fast.unet.threads = one
+    # The graph is cached per model; a damaged cached graph is exported again, not trusted.
+    logs: list[str] = []
+    again = open_ort_unet(model, root / "cache", log=logs.append)
+    assert again.path == fast.unet.path and any("reusing" in m for m in logs)
+    data = again.path.read_bytes()
+    again.path.write_bytes(data[: len(data) // 2])
+    logs.clear()
+    fixed = open_ort_unet(model, root / "cache", log=logs.append)
+    assert any("exporting" in m for m in logs) and fixed.path.stat().st_size == len(data)
+    # A model whose weights differ only outside the value layers (same NeMo fingerprint) gets its own graph.
+    w = model.unet.conv_in.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(1.5)
+    try:
+        other = open_ort_unet(model, root / "cache", log=logs.append)
+        assert other.path != fast.unet.path
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert make_scorer(model, Runtime(backend="torch"), ScoreSettings(seeds=4)).settings.backend == "torch"
+    with pytest.raises(NemoError, match="backend"):
+        make_scorer(model, Runtime(backend="tpu"))
 
 
 def test_calibration_statistics_and_cache(tiny):
@@ -94,7 +147,8 @@ def test_batched_engine_takes_the_plain_algorithms_decisions(tiny, criterion):
     force_memorized(engine)
     engine = dataclasses.replace(engine, search=dataclasses.replace(engine.search, criterion=criterion))
     for prompt in ["official portrait of astronaut eileen collins", "chelsea the tabby cat staring sideways"]:
-        ref = plain_nemo(engine.scorer, engine.calibration, engine.layers, prompt, engine.search)
+        # the published algorithm as its code runs it (torch); the engine on onnxruntime
+        ref = plain_nemo(torch_scorer(engine), engine.calibration, engine.layers, prompt, engine.search)
         emb = engine.scorer.embed([prompt])
         d = engine.scorer.prompt_noise_diffs(emb)
         from nemo_surgery.localize.detect import detect

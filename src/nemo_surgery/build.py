@@ -109,12 +109,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         + (f" ({len(corpus.duplicates)} duplicates skipped)" if corpus.duplicates else ""))
     model = open_model(opts.model, opts.runtime)
     log(f"== model: {opts.model} ({len(model.value_layers)} value layers, fingerprint {model.fingerprint[:12]})")
-    engine = make_engine(model, opts.reference, opts.runtime, opts.score, opts.search,
-                         opts.cache_dir or work / "cache", opts.calibration_prompts, log)
+    cache = opts.cache_dir or work / "cache"
+    engine = make_engine(model, opts.reference, opts.runtime, opts.score, opts.search, cache,
+                         opts.calibration_prompts, log)
     stage("calibrate", f"theta_mem {engine.calibration.theta_mem:.4f} from {engine.calibration.n_reference} prompts")
 
     results_path = work / "results.jsonl"
-    worker = ray_stream(engine, opts.model, opts.ray, log, opts.runtime.model_config) if opts.ray else None
+    worker = (ray_stream(engine, opts.model, opts.ray, log, opts.runtime.model_config, cache)
+              if opts.ray else None)
     records = run_corpus(engine, corpus, results_path, restart=opts.restart, log=log, worker=worker)
     mem = [r for r in records if r["memorized"]]
     stage("localize", f"{len(mem)} of {len(records)} prompts memorized; "

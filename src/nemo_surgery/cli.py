@@ -4,13 +4,14 @@ a `NemoError` into one line and a non-zero exit."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import click
 
@@ -43,6 +44,7 @@ def _quiet_libraries() -> None:
 
 
 def runtime_options(f: Callable) -> Callable:
+    """Where and how the model runs; the command receives them as one `runtime` (engine.Runtime)."""
     opts = [
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
@@ -50,11 +52,23 @@ def runtime_options(f: Callable) -> Callable:
                                              "Surgery is always exact in the checkpoint's dtype."),
         click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
                      help="UNet samples per pass."),
+        click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+                     show_default=True,
+                     help="What runs the search's UNet passes. auto: onnxruntime on a CPU in fp32 (the UNet is "
+                          "exported once per model into the cache), torch otherwise."),
         click.option("--allow-pickle", is_flag=True, help="Allow .bin/.ckpt pickle weights (they can run code)."),
     ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, device: str, precision: str, batch_size: int, backend: str, allow_pickle: bool,
+                **kwargs: Any) -> Any:
+        from .engine import Runtime
+
+        return f(*args, runtime=Runtime(device, precision, batch_size, allow_pickle, backend=backend), **kwargs)
+
     for o in reversed(opts):
-        f = o(f)
-    return f
+        wrapper = o(wrapper)
+    return wrapper
 
 
 def score_options(f: Callable) -> Callable:
@@ -117,13 +131,13 @@ def _ray_settings(ray_address, workers):
     return RaySettings(None if ray_address == "local" else ray_address, workers)
 
 
-def _ray_worker(eng, model, ray_address, workers):
+def _ray_worker(eng, model, ray_address, workers, cache_dir):
     settings = _ray_settings(ray_address, workers)
     if settings is None:
         return None
     from .localize.distributed import ray_stream
 
-    return ray_stream(eng, model, settings, log)
+    return ray_stream(eng, model, settings, log, cache_dir=cache_dir)
 
 
 allow_outside = click.option("--allow-outside-images", is_flag=True,
@@ -211,13 +225,12 @@ def cli() -> None:
     _quiet_libraries()
 
 
-def _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+def _engine(model, reference, runtime, seeds, timestep_index,
             calibration_prompts, cache_dir, layers="official", theta_act=5.0, theta_act_step=0.25,
             theta_act_min=1.0, top_k_step=1, criterion="published"):
-    from .engine import Runtime, make_engine, open_model
+    from .engine import make_engine, open_model
     from .localize.settings import ScoreSettings, SearchSettings
 
-    runtime = Runtime(device, precision, batch_size, allow_pickle)
     m = open_model(model, runtime)
     log(f"model: {model} ({len(m.value_layers)} value layers, fingerprint {m.fingerprint[:12]})")
     score = ScoreSettings(seeds=seeds, timestep_index=timestep_index)
@@ -231,10 +244,9 @@ def _engine(model, reference, device, precision, batch_size, allow_pickle, seeds
 @runtime_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write calibration.json here.")
 @handle_errors
-def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cache_dir, device, precision,
-              batch_size, allow_pickle, out):
+def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cache_dir, runtime, out):
     """Per-neuron activation statistics and theta_mem from non-memorized reference prompts."""
-    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+    eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir)
     if out:
         eng.calibration.save(out)
@@ -251,13 +263,13 @@ def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cach
 @runtime_options
 @handle_errors
 def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, timestep_index, calibration_prompts, cache_dir,
-           device, precision, batch_size, allow_pickle):
+           runtime):
     """Memorization score of every prompt (seed consistency of the first denoising step)."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
-    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+    eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir)
     recs = run_corpus(eng, c, out, localize=False, restart=restart, log=log)
     mem = sum(r["memorized"] for r in recs)
@@ -273,17 +285,17 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
 @handle_errors
 def localize(model, corpus, out, restart, allow_outside_images, ray_address, workers, reference, seeds,
              timestep_index, calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min,
-             top_k_step, criterion, device, precision, batch_size, allow_pickle):
+             top_k_step, criterion, runtime):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
-    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+    eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
                   criterion)
     recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log,
-                      worker=_ray_worker(eng, model, ray_address, workers))
+                      worker=_ray_worker(eng, model, ray_address, workers, cache_dir))
     summarize_localization(recs)
 
 
@@ -315,14 +327,14 @@ def summarize_localization(recs: list[dict]) -> None:
 @handle_errors
 def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_outside_images, reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
-          device, precision, batch_size, allow_pickle):
+          runtime):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
     from .localize.merge import MergeSettings, make_plan
     from .localize.runner import make_header, open_results
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
-    eng = _engine(model, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+    eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
                   criterion)
     if not Path(results).is_file():
@@ -416,10 +428,10 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @handle_errors
 def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit_steps, audit_prompts,
           audit_controls, audit_seeds, audit_seed, sample_steps, control_images, allow_outside_images, reference, seeds,
-          timestep_index, calibration_prompts, cache_dir, device, precision, batch_size, allow_pickle):
+          timestep_index, calibration_prompts, cache_dir, runtime):
     """Attack the cleaned model: can perturbed prompt embeddings re-trigger memorized images?"""
     from .corpus import read_corpus
-    from .engine import Runtime, open_model
+    from .engine import open_model
     from .files import read_jsonl, write_json_atomic
     from .localize.runner import describe, process_prompt
     from .localize.score import Scorer
@@ -428,7 +440,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     settings = _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
                                sample_steps)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
-    eng = _engine(original, reference, device, precision, batch_size, allow_pickle, seeds, timestep_index,
+    eng = _engine(original, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir)
     if results is not None:
         if not Path(results).is_file():
@@ -444,9 +456,9 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     mem = [p for p in c.prompts if p.id in ids]
     if not mem:
         raise NemoError(f"{corpus}: no memorized prompts to audit")
-    clean = open_model(cleaned, Runtime(device, precision, batch_size, allow_pickle))
+    clean = open_model(cleaned, runtime)
     ref = read_corpus(reference).prompts
-    scorers = {"original": eng.scorer, "cleaned": Scorer(clean, eng.scorer.settings, batch_size,
+    scorers = {"original": eng.scorer, "cleaned": Scorer(clean, eng.scorer.settings, runtime.batch_size,
                                                         eng.scorer.autocast_dtype)}
     partial = Path(str(out) + ".partial.jsonl")
     result, _ = run_audit(eng.model, clean, mem, [p.text for p in ref], eng.calibration.reference_scores,
@@ -496,11 +508,10 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
           allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
           calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
-          device, precision, batch_size, allow_pickle):
+          runtime):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
     from .build import BuildOptions, build as run_build
     from .generation import GenSettings
-    from .engine import Runtime
     from .localize.merge import MergeSettings
     from .localize.settings import ScoreSettings, SearchSettings
     from .surgery.harden import HardenSettings
@@ -509,7 +520,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         raise NemoError("--harden needs the audit: drop --no-audit")
     opts = BuildOptions(
         model=model, corpus=corpus, reference=reference, out=out,
-        runtime=Runtime(device, precision, batch_size, allow_pickle, model_config),
+        runtime=dataclasses.replace(runtime, model_config=model_config),
         score=ScoreSettings(seeds=seeds, timestep_index=timestep_index),
         search=SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers, criterion),
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,

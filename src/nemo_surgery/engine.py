@@ -28,6 +28,9 @@ class Runtime:
     batch_size: int = BATCH_SIZE
     allow_pickle: bool = False
     model_config: Path | None = None  # a single-file checkpoint's configs and tokenizer (a diffusers folder)
+    # What runs the search's UNet passes: "torch", "onnxruntime" (CPU, fp32), or "auto":
+    # onnxruntime where it applies (a CPU and fp32), else torch.
+    backend: str = "auto"
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -75,12 +78,33 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
     return cal
 
 
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+def make_scorer(model: Model, runtime: Runtime, score: ScoreSettings = ScoreSettings(),
+                cache_dir: Path | None = None, log: Callable[[str], None] = lambda s: None) -> Scorer:
+    """The scorer of `model` on the runtime's backend (see `Runtime.backend`)."""
+    from .localize.ort_unet import open_ort_unet, supported
+
+    if runtime.backend not in BACKENDS:
+        raise NemoError(f"--backend {runtime.backend!r}: choose one of {', '.join(BACKENDS)}")
+    autocast = None if runtime.precision == "fp32" else PRECISIONS[runtime.precision]
+    unet = None
+    if runtime.backend == "onnxruntime" or (runtime.backend == "auto" and supported(model) is None):
+        try:
+            unet = open_ort_unet(model, cache_dir or default_cache_dir(), log=log)
+        except NemoError as e:
+            if runtime.backend == "onnxruntime":
+                raise
+            log(f"note: {e}; the search runs on torch")
+    return Scorer(model, score, runtime.batch_size, autocast, unet)
+
+
 def make_engine(model: Model, reference: Path, runtime: Runtime, score: ScoreSettings = ScoreSettings(),
                 search: SearchSettings = SearchSettings(), cache_dir: Path | None = None,
                 score_prompts: int = CALIBRATION_SCORE_PROMPTS,
                 log: Callable[[str], None] = lambda s: None) -> Engine:
-    autocast = None if runtime.precision == "fp32" else PRECISIONS[runtime.precision]
-    scorer = Scorer(model, score, runtime.batch_size, autocast)
+    scorer = make_scorer(model, runtime, score, cache_dir, log)
     if not scorer.settings.msssim.published:
         m = scorer.settings.msssim
         log(f"note: latents of {model.unet.config.sample_size} px are too small for the published MS-SSIM "

@@ -99,6 +99,12 @@ def test_missing_model_and_bad_corpus(tmp_path, tiny_model):
     empty.write_text("")
     assert_clean_error(run("detect", "--model", str(tiny_model), "--corpus", str(empty), "--reference", str(ref),
                            "--out", str(tmp_path / "d.jsonl")), "empty")
+    # onnxruntime runs the search in fp32 only
+    proc = run("calibrate", "--model", str(tiny_model), "--reference", str(ref), "--backend", "onnxruntime",
+               "--precision", "bf16", "--cache-dir", str(tmp_path / "cache"))
+    assert_clean_error(proc, "--backend onnxruntime", "fp32")
+    assert_clean_error(run("calibrate", "--model", str(tiny_model), "--reference", str(ref), "--backend", "tpu"),
+                       "--backend")
 
 
 def test_apply_refuses_foreign_plan_and_existing_out(tmp_path, tiny_model):

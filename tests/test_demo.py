@@ -96,12 +96,14 @@ def test_batched_engine_matches_plain_algorithm_on_demo(tmp_path):
     from nemo_surgery.corpus import read_corpus
     from nemo_surgery.engine import Runtime, make_engine, open_model
     from nemo_surgery.localize.detect import detect
+    from nemo_surgery.localize.score import Scorer
     from reference_nemo import plain_nemo
 
     model = open_model(DEMO_MODEL, Runtime())
     eng = make_engine(model, DEMO / "reference.csv", Runtime(), cache_dir=tmp_path)
     prompt = read_corpus(DEMO / "mem.csv").prompts[1]
-    ref = plain_nemo(eng.scorer, eng.calibration, eng.layers, prompt.text, eng.search)
+    # The published algorithm on torch, as its code runs; the engine on what `auto` picks here.
+    ref = plain_nemo(Scorer(model, eng.scorer.settings), eng.calibration, eng.layers, prompt.text, eng.search)
     emb = eng.scorer.embed([prompt.text])
     d = eng.scorer.prompt_noise_diffs(emb)
     got = eng.localizer.localize(prompt.id, prompt.text, prompt.type, emb, d, detect(eng.scorer, d, eng.calibration.theta_mem))

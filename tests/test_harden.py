@@ -47,14 +47,15 @@ def test_only_re_triggering_embeddings_become_inputs(tmp_path):
 def test_build_with_harden_on_demo(tmp_path):
     from nemo_surgery.surgery.verify import check_weights
 
-    # The cat and the stallion: on their mid-block plan the stallion's attack re-triggers it, and
-    # that adversarial embedding is memorized on the original model, so round 1 has work to do.
+    # The cat and the stallion, searched in the mid block alone (the last --layers wins): that weak
+    # plan lets the stallion's attack re-trigger it, and that adversarial embedding is memorized
+    # on the original model, so round 1 has work to do. (On the published layers the plan holds.)
     data = cut_down_demo(tmp_path / "data", rows=(2, 7))
     out = tmp_path / "release"
     cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL),
            "--corpus", str(data / "mem.csv"), "--reference", str(data / "reference.csv"), "--out", str(out),
-           "--cache-dir", str(tmp_path / "cache"), *CUT_DOWN_BUILD, "--audit-prompts", "2", "--harden",
-           "--harden-rounds", "1"]
+           "--cache-dir", str(tmp_path / "cache"), *CUT_DOWN_BUILD, "--layers", "mid_block.*", "--audit-prompts", "2",
+           "--harden", "--harden-rounds", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     h = json.loads((out / "harden.json").read_text())

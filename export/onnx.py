@@ -132,11 +132,13 @@ class _VaeDecoderWrapper(nn.Module):
 
 
 def _torch_export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path,
-                  opset: int) -> str:
+                  opset: int, own_batch: bool = False) -> str:
     """Write `path`; returns the exporter used. The TorchScript exporter goes first: it handles
-    diffusers UNets reliably and needs no onnxscript. The dynamo exporter is the fallback."""
+    diffusers UNets reliably and needs no onnxscript. The dynamo exporter is the fallback.
+    `own_batch`: each input and output has its own dynamic first dimension instead of one shared
+    batch (onnxruntime plans buffers assuming that equal names mean equal sizes)."""
     names = list(inputs)
-    dynamic = {n: {0: "batch"} for n in names + outputs}
+    dynamic = {n: {0: f"{n}_rows" if own_batch else "batch"} for n in names + outputs}
     args = tuple(inputs.values())
     common = dict(input_names=names, output_names=outputs, opset_version=opset, dynamic_axes=dynamic)
     with warnings.catch_warnings(), torch.no_grad():
@@ -215,10 +217,10 @@ def check_onnx(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], o
 
 def export_module(part: str, folder: str, module: nn.Module, make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
                   outputs: list[str], out: Path, *, opset: int, check: bool, seed: int, tolerance: float,
-                  external_data: bool | None) -> OnnxReport:
+                  external_data: bool | None, own_batch: bool = False) -> OnnxReport:
     """Export `module` to `out/folder/model.onnx` (atomically), check it against torch on
     `make_inputs(CHECK_BATCH, seed)` and describe it. `make_inputs(batch, seed)` gives the named
-    inputs, batch first."""
+    inputs, batch first (`own_batch`: see `_torch_export`)."""
     import onnx
     import onnxruntime
 
@@ -231,7 +233,7 @@ def export_module(part: str, folder: str, module: nn.Module, make_inputs: Callab
             t0 = time.perf_counter()
             try:
                 exporter = _torch_export(module, make_inputs(CHECK_BATCH, seed + 1), outputs,
-                                         scratch / "model.onnx", opset)
+                                         scratch / "model.onnx", opset, own_batch)
             except Exception as e:
                 raise NemoError(f"ONNX export of the {part} failed ({_one_line(e)})") from None
             spilled = len(list(scratch.iterdir())) > 1  # the exporter itself wrote external tensors

@@ -6,9 +6,11 @@ and one single-threaded run per core over a slice of the batch uses the cores be
 intra-op threads do on such small tensors (demo model, 2 cores: 7.4 ms per sample in torch at a
 batch of 10; 4.7 ms in onnxruntime on 2 threads; 3.3 ms on 2 single-threaded runs side by side).
 
-The graph is the model's UNet with one extra input, `value_mask` (batch, sum of the value layers'
-widths): every `attn2.to_v` output is multiplied by its slice, exactly as `ValueMasks` does in
-torch, so one graph evaluates any candidate neuron sets side by side. It is exported once per
+The graph is the model's UNet with the value masks as inputs: every `attn2.to_v` output is
+multiplied by its mask, exactly as `ValueMasks` does in torch, so one graph evaluates any
+candidate neuron sets side by side. On an SD 1.x/2.x layout it also gathers rows before each
+down/mid transformer block (`_PrefixUNet`), so the layers candidates share run once per seed
+(demo: x1.25 on top of the runtime; other layouts get the plain graph). It is exported once per
 model (keyed by a hash of every UNet weight, not only the value layers), cached, and checked
 against torch whenever it is opened. Its results agree with torch within float noise, not bit for
 bit: decisions that close to a threshold are reported as such by the search, and verification's
@@ -33,7 +35,7 @@ from ..model import Model
 from .masks import ValueMasks
 from .score import MAX_TOKENS
 
-FORMAT = 1  # bump when the graph's inputs or outputs change
+FORMAT = 2  # bump when the graph's inputs or outputs change
 OPSET = 17
 
 
@@ -55,6 +57,93 @@ class _MaskedUNet(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         finally:
             self.masks._masks = {}
+
+
+class _PrefixUNet(nn.Module):
+    """The same UNet, written out block by block (as diffusers' forward runs an SD 1.x/2.x UNet)
+    with a row gather before each down/mid transformer block and before the up path.
+
+    Why: the candidates of one pass differ only from some layer on (refinement walks one layer at
+    a time), so everything before that layer is the same for all candidates of a seed. The caller
+    feeds one row per distinct (seed, prompt) and, at the cut, gathers them out to one row per
+    candidate; every other gather is the identity. `mask_i` holds layer i's masks for the rows it
+    sees (distinct rows before the cut, candidates after)."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.unet = model.unet
+        self.masks = ValueMasks(model)
+        self.paths = [v.path for v in model.value_layers]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        u = self.unet
+        masks, gathers = rest[:len(self.paths)], list(rest[len(self.paths):])
+        self.masks._masks = dict(zip(self.paths, masks))
+        try:
+            emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype))
+            if u.time_embed_act is not None:
+                emb = u.time_embed_act(emb)
+            ehs = encoder_hidden_states
+            h = u.conv_in(sample)
+            res = [h]
+
+            def gather(h, emb, ehs, res):
+                idx = gathers.pop(0)
+                return h[idx], emb[idx], ehs[idx], [r[idx] for r in res]
+
+            for block in u.down_blocks:
+                for i, resnet in enumerate(block.resnets):
+                    h = resnet(h, emb)
+                    if getattr(block, "has_cross_attention", False):
+                        h, emb, ehs, res = gather(h, emb, ehs, res)
+                        h = block.attentions[i](h, encoder_hidden_states=ehs, return_dict=False)[0]
+                    res.append(h)
+                for down in block.downsamplers or ():
+                    h = down(h)
+                if block.downsamplers:
+                    res.append(h)
+            mid = u.mid_block
+            h = mid.resnets[0](h, emb)
+            for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+                h, emb, ehs, res = gather(h, emb, ehs, res)
+                h = attn(h, encoder_hidden_states=ehs, return_dict=False)[0]
+                h = resnet(h, emb)
+            h, emb, ehs, res = gather(h, emb, ehs, res)
+            for block in u.up_blocks:
+                n = len(block.resnets)
+                skip, res = tuple(res[-n:]), res[:-n]
+                if getattr(block, "has_cross_attention", False):
+                    h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ehs)
+                else:
+                    h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip)
+            if u.conv_norm_out is not None:
+                h = u.conv_act(u.conv_norm_out(h))
+            return u.conv_out(h)
+        finally:
+            self.masks._masks = {}
+
+
+def gather_points(model: Model) -> list[str] | None:
+    """Module paths of the transformer blocks a `_PrefixUNet` gathers before (then one more before
+    the up path), or None where the UNet is not laid out as that forward assumes."""
+    from diffusers.models.unets.unet_2d_blocks import (CrossAttnDownBlock2D, DownBlock2D,
+                                                       UNetMidBlock2DCrossAttn)
+
+    u = model.unet
+    cfg = u.config
+    if (cfg.class_embed_type is not None or cfg.addition_embed_type is not None or cfg.encoder_hid_dim_type
+            or cfg.center_input_sample or not isinstance(u.mid_block, UNetMidBlock2DCrossAttn)
+            or model.latent_size % 2 ** getattr(u, "num_upsamplers", 0)):
+        return None
+    points = []
+    for i, block in enumerate(u.down_blocks):
+        if type(block) not in (CrossAttnDownBlock2D, DownBlock2D):
+            return None
+        if isinstance(block, CrossAttnDownBlock2D):
+            points += [f"down_blocks.{i}.attentions.{j}." for j in range(len(block.attentions))]
+    points += [f"mid_block.attentions.{j}." for j in range(len(u.mid_block.attentions))]
+    return points
 
 
 def unet_digest(model: Model) -> str:
@@ -82,20 +171,26 @@ def supported(model: Model) -> str | None:
 
 
 class OrtUNet:
-    """Runs the masked UNet graph; a batch is cut into one slice per worker thread, each slice
-    run by a single-threaded call of one shared session (onnxruntime releases the GIL)."""
+    """Runs the search graph; a batch is cut into one slice per worker thread, each slice run by a
+    single-threaded call of one shared session (onnxruntime releases the GIL). With gather points
+    (`_PrefixUNet`), each slice computes the layers its candidates share once per distinct row."""
 
-    def __init__(self, path: Path, layers: list[tuple[str, int]], threads: int, report: dict):
+    def __init__(self, path: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int,
+                 report: dict):
         from ..export.onnx import ort_session
 
         self.path = Path(path)
         self.layers = layers
+        self.points = points
         self.width = sum(w for _, w in layers)
         self.offsets: dict[str, int] = {}
         at = 0
         for p, w in layers:
             self.offsets[p] = at
             at += w
+        # the gather point each layer's rows come from (len(points): the one before the up path)
+        self.point_of = [next((g for g, q in enumerate(points) if p.startswith(q)), len(points))
+                         for p, _ in layers] if points is not None else []
         self.threads = max(1, threads)
         self.session = ort_session(self.path, threads=1)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -110,16 +205,50 @@ class OrtUNet:
                     m[i, [self.offsets[path] + r for r in rows]] = 0.0
         return m
 
+    def feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, sets: list | None) -> dict:
+        b = len(sample)
+        m = self.mask(sets, b)
+        if self.points is None:
+            return {"sample": sample, "timestep": np.full((b,), timestep, dtype=np.float32),
+                    "encoder_hidden_states": text, "value_mask": m}
+        # Distinct (latent, prompt) rows, and the first layer whose masks differ within one of them.
+        unit = np.empty(b, dtype=np.int64)
+        seen: dict[bytes, int] = {}
+        reps: list[int] = []  # the first sample of each distinct row
+        for i in range(b):
+            key = sample[i].tobytes() + text[i].tobytes()
+            if key not in seen:
+                seen[key] = len(reps)
+                reps.append(i)
+            unit[i] = seen[key]
+        rep = np.array(reps, dtype=np.int64)
+        rep_of = rep[unit]
+        cut = len(self.points)
+        for li, (_, w) in enumerate(self.layers):
+            o = self.offsets[self.layers[li][0]]
+            if not np.array_equal(m[:, o:o + w], m[rep_of, o:o + w]):
+                cut = self.point_of[li]
+                break
+        u = len(rep)
+        f = {"sample": sample[rep], "timestep": np.full((u,), timestep, dtype=np.float32),
+             "encoder_hidden_states": text[rep]}
+        for li, (path, w) in enumerate(self.layers):
+            o = self.offsets[path]
+            f[f"mask_{li}"] = m[rep, o:o + w] if self.point_of[li] < cut else m[:, o:o + w]
+        for g in range(len(self.points) + 1):
+            f[f"gather_{g}"] = np.arange(u) if g < cut else (unit if g == cut else np.arange(b))
+        return f
+
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                  sets: list | None) -> torch.Tensor:
         b = len(sample)
-        feeds = {"sample": sample.float().numpy(), "timestep": np.full((b,), float(timestep), dtype=np.float32),
-                 "encoder_hidden_states": text.float().contiguous().numpy(), "value_mask": self.mask(sets, b)}
+        x, e, t = sample.float().numpy(), text.float().contiguous().numpy(), float(timestep)
         n = min(self.threads, b)
-        if n == 1 or self.pool is None:
-            return torch.from_numpy(self.session.run(None, feeds)[0])
         cuts = np.array_split(np.arange(b), n)
-        parts = [{k: v[c[0]:c[-1] + 1] for k, v in feeds.items()} for c in cuts]
+        parts = [self.feeds(x[c[0]:c[-1] + 1], t, e[c[0]:c[-1] + 1], None if sets is None else sets[c[0]:c[-1] + 1])
+                 for c in cuts]
+        if n == 1 or self.pool is None:
+            return torch.from_numpy(self.session.run(None, parts[0])[0])
         outs = list(self.pool.map(lambda f: self.session.run(None, f)[0], parts))
         return torch.from_numpy(np.concatenate(outs))
 
@@ -141,28 +270,44 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
 
     threads = threads or torch.get_num_threads()
     layers = [(v.path, v.out_features) for v in model.value_layers]
+    points = gather_points(model)
     key = hashlib.sha256(json.dumps({
-        "format": FORMAT, "unet": unet_digest(model), "layers": layers, "opset": OPSET,
+        "format": FORMAT, "unet": unet_digest(model), "layers": layers, "points": points, "opset": OPSET,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) / "onnx-search"
     folder = root / key
-    wrapper = _MaskedUNet(model).eval()
+    plain = _MaskedUNet(model).eval()
+    wrapper = plain if points is None else _PrefixUNet(model).eval()
     cfg = model.unet.config
     size = model.latent_size
     width = sum(w for _, w in layers)
 
     def make_inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        """`batch` distinct rows; with gather points, one more candidate row at a cut in the middle."""
         g = torch.Generator().manual_seed(seed)
-        return {"sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
-                "timestep": torch.randint(0, 1000, (batch,), generator=g).float(),
-                "encoder_hidden_states": torch.randn(batch, MAX_TOKENS, cfg.cross_attention_dim, generator=g),
-                "value_mask": (torch.rand(batch, width, generator=g) > 0.3).float()}
+        x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g).float()
+        e = torch.randn(batch, MAX_TOKENS, cfg.cross_attention_dim, generator=g)
+        if points is None:
+            return {"sample": x, "timestep": t, "encoder_hidden_states": e,
+                    "value_mask": (torch.rand(batch, width, generator=g) > 0.3).float()}
+        cut = len(points) // 2
+        unit = torch.cat([torch.arange(batch), torch.zeros(1, dtype=torch.int64)])
+        d = {"sample": x, "timestep": t, "encoder_hidden_states": e}
+        for li, (p, w) in enumerate(layers):
+            before = next((gi for gi, q in enumerate(points) if p.startswith(q)), len(points)) < cut
+            d[f"mask_{li}"] = (torch.rand(batch if before else batch + 1, w, generator=g) > 0.3).float()
+        for gi in range(len(points) + 1):
+            d[f"gather_{gi}"] = torch.arange(batch) if gi < cut else (unit if gi == cut else torch.arange(batch + 1))
+        return d
 
     try:
+        if points is not None:
+            _same_as_diffusers(wrapper, plain, make_inputs)
         report = None
         if (folder / "model.onnx").is_file():
             try:
-                check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH, 1), ["noise_pred"],
+                check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
                            DEFAULT_TOLERANCE, "search UNet")
                 report = json.loads((folder / "search.json").read_text(encoding="utf-8"))
                 log(f"onnxruntime: reusing the search graph {folder}")
@@ -171,11 +316,33 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         if report is None:
             log("onnxruntime: exporting the UNet with value masks for the search (once per model)")
             r = export_module("search UNet", key, wrapper, make_inputs, ["noise_pred"], root, opset=OPSET,
-                              check=True, seed=0, tolerance=DEFAULT_TOLERANCE, external_data=None)
+                              check=True, seed=0, tolerance=DEFAULT_TOLERANCE, external_data=None,
+                              own_batch=points is not None)
+            # and at another batch size than the traced one: nothing shape-dependent was baked in
+            check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
+                       DEFAULT_TOLERANCE, "search UNet")
             report = {"tool": __version__, "seconds": r.seconds, "max_abs_diff": r.max_abs_diff,
-                      "exporter": r.exporter, "onnxruntime": r.onnxruntime, "bytes": r.bytes}
+                      "exporter": r.exporter, "onnxruntime": r.onnxruntime, "bytes": r.bytes,
+                      "gather_points": points}
             (folder / "search.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
             log(f"onnxruntime: exported in {r.seconds:.1f} s, max |onnxruntime - torch| {r.max_abs_diff:.2g}")
     finally:
-        wrapper.masks.remove()
-    return OrtUNet(folder / "model.onnx", layers, threads, report)
+        plain.masks.remove()
+        if wrapper is not plain:
+            wrapper.masks.remove()
+    return OrtUNet(folder / "model.onnx", layers, points, threads, report)
+
+
+@torch.no_grad()
+def _same_as_diffusers(prefix: _PrefixUNet, plain: _MaskedUNet, make_inputs: Callable) -> None:
+    """The block-by-block forward must compute what diffusers' forward computes: checked with
+    identity gathers (no rows shared) on the model itself, before anything is exported."""
+    d = make_inputs(2, 7)
+    n = len(d["sample"])
+    masks = [d[k][:n] for k in d if k.startswith("mask_")]
+    gathers = [torch.arange(n) for k in d if k.startswith("gather_")]
+    got = prefix(d["sample"], d["timestep"], d["encoder_hidden_states"], *masks, *gathers)
+    want = plain(d["sample"], d["timestep"], d["encoder_hidden_states"], torch.cat(masks, dim=1))
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise NemoError(f"the search graph's UNet forward differs from diffusers' by "
+                        f"{float((got - want).abs().max()):.3g}")

@@ -92,6 +92,15 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     got = fast.noise_diff(emb, lat, sets)
     assert (got - want).abs().max() < 1e-4
     assert not torch.equal(want[1], want[0])  # the masks changed something the check can see
+    # Candidates that share their first layers (as in refinement): the shared layers run once per
+    # distinct (latent, prompt) row, then the rows are gathered out to the candidates.
+    assert fast.unet.points, "the tiny UNet has an SD layout: the search graph has gather points"
+    common = {layers[1]: frozenset({0, 2})}
+    cands = [{**common, layers[4]: frozenset({k})} for k in range(3)] + [{**common, layers[12]: frozenset({1})}]
+    emb16, lat16, sets16 = emb[:1].expand(16, -1, -1), exact.latents.repeat_interleave(4, 0), cands * 4
+    feeds = fast.unet.feeds(lat16.numpy(), 981.0, emb16.contiguous().numpy(), sets16)
+    assert len(feeds["sample"]) == 4 and len(feeds["mask_0"]) == 4 and len(feeds[f"mask_{len(layers) - 1}"]) == 16
+    assert (fast.noise_diff(emb16, lat16, sets16) - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
     # A sample's result does not depend on how the batch is cut over the worker threads.
     one = fast.unet.threads
     fast.unet.threads = 1

@@ -146,6 +146,12 @@ def gather_points(model: Model) -> list[str] | None:
     return points
 
 
+def _point_of(path: str, points: list[str]) -> int:
+    """The gather point a value layer's rows come from: its own transformer block's, or for an
+    up-path layer the one before the up path (len(points))."""
+    return next((g for g, q in enumerate(points) if path.startswith(q)), len(points))
+
+
 def unet_digest(model: Model) -> str:
     """sha256 over every UNet tensor (the model fingerprint covers only the value layers and the
     text encoder, but the graph bakes in all weights)."""
@@ -175,8 +181,7 @@ class OrtUNet:
     single-threaded call of one shared session (onnxruntime releases the GIL). With gather points
     (`_PrefixUNet`), each slice computes the layers its candidates share once per distinct row."""
 
-    def __init__(self, path: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int,
-                 report: dict):
+    def __init__(self, path: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int):
         from ..export.onnx import ort_session
 
         self.path = Path(path)
@@ -188,13 +193,10 @@ class OrtUNet:
         for p, w in layers:
             self.offsets[p] = at
             at += w
-        # the gather point each layer's rows come from (len(points): the one before the up path)
-        self.point_of = [next((g for g, q in enumerate(points) if p.startswith(q)), len(points))
-                         for p, _ in layers] if points is not None else []
+        self.point_of = [_point_of(p, points) for p, _ in layers] if points is not None else []
         self.threads = max(1, threads)
         self.session = ort_session(self.path, threads=1)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self.report = report
 
     def mask(self, sets: list | None, batch: int) -> np.ndarray:
         """(batch, width) ones, with a 0 for each neuron `sets[i]` deactivates in sample i."""
@@ -224,8 +226,8 @@ class OrtUNet:
         rep = np.array(reps, dtype=np.int64)
         rep_of = rep[unit]
         cut = len(self.points)
-        for li, (_, w) in enumerate(self.layers):
-            o = self.offsets[self.layers[li][0]]
+        for li, (path, w) in enumerate(self.layers):
+            o = self.offsets[path]
             if not np.array_equal(m[:, o:o + w], m[rep_of, o:o + w]):
                 cut = self.point_of[li]
                 break
@@ -295,7 +297,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         unit = torch.cat([torch.arange(batch), torch.zeros(1, dtype=torch.int64)])
         d = {"sample": x, "timestep": t, "encoder_hidden_states": e}
         for li, (p, w) in enumerate(layers):
-            before = next((gi for gi, q in enumerate(points) if p.startswith(q)), len(points)) < cut
+            before = _point_of(p, points) < cut
             d[f"mask_{li}"] = (torch.rand(batch if before else batch + 1, w, generator=g) > 0.3).float()
         for gi in range(len(points) + 1):
             d[f"gather_{gi}"] = torch.arange(batch) if gi < cut else (unit if gi == cut else torch.arange(batch + 1))
@@ -304,23 +306,24 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     try:
         if points is not None:
             _same_as_diffusers(wrapper, plain, make_inputs)
-        report = None
-        if (folder / "model.onnx").is_file():
-            try:
-                check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
-                           DEFAULT_TOLERANCE, "search UNet")
-                report = json.loads((folder / "search.json").read_text(encoding="utf-8"))
-                log(f"onnxruntime: reusing the search graph {folder}")
-            except (NemoError, OSError, ValueError):
-                report = None  # stale or damaged: export again
-        if report is None:
+
+        def check() -> None:  # at another batch size than the traced one: nothing shape-bound baked in
+            check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
+                       DEFAULT_TOLERANCE, "search UNet")
+
+        try:
+            json.loads((folder / "search.json").read_text(encoding="utf-8"))  # written last: export finished
+            check()
+            reused = True
+            log(f"onnxruntime: reusing the search graph {folder}")
+        except (NemoError, OSError, ValueError):
+            reused = False  # missing, stale or damaged: export again
+        if not reused:
             log("onnxruntime: exporting the UNet with value masks for the search (once per model)")
             r = export_module("search UNet", key, wrapper, make_inputs, ["noise_pred"], root, opset=OPSET,
                               check=True, seed=0, tolerance=DEFAULT_TOLERANCE, external_data=None,
                               own_batch=points is not None)
-            # and at another batch size than the traced one: nothing shape-dependent was baked in
-            check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
-                       DEFAULT_TOLERANCE, "search UNet")
+            check()
             report = {"tool": __version__, "seconds": r.seconds, "max_abs_diff": r.max_abs_diff,
                       "exporter": r.exporter, "onnxruntime": r.onnxruntime, "bytes": r.bytes,
                       "gather_points": points}
@@ -330,7 +333,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         plain.masks.remove()
         if wrapper is not plain:
             wrapper.masks.remove()
-    return OrtUNet(folder / "model.onnx", layers, points, threads, report)
+    return OrtUNet(folder / "model.onnx", layers, points, threads)
 
 
 @torch.no_grad()

@@ -123,6 +123,12 @@ def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Mer
               log: Callable[[str], None] = lambda s: None,
               embeddings: dict[str, torch.Tensor] | None = None) -> Plan:
     """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening)."""
+    with engine.scorer.beside_ort():
+        return _make_plan(engine, corpus, records, settings, log, embeddings)
+
+
+def _make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings,
+               log: Callable[[str], None], embeddings: dict[str, torch.Tensor] | None) -> Plan:
     t0 = time.perf_counter()
     merged, counts = union(records, settings.min_prompts, settings.max_neurons)
     prompts = memorized_units(engine, records, embeddings)

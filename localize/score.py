@@ -7,10 +7,11 @@ the MS-SSIM window) and counts every UNet sample-pass it spends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _msssim
@@ -136,6 +137,21 @@ class Scorer:
     def prompt_score(self, d: torch.Tensor) -> float:
         """A prompt's memorization score: the mean over its seeds of each seed's best MS-SSIM."""
         return float(self.seed_scores(d).mean())
+
+    @contextlib.contextmanager
+    def beside_ort(self) -> Iterator[None]:
+        """While onnxruntime runs the UNet passes, torch's own work between them (scaling, MS-SSIM)
+        runs on one thread: after each parallel op torch's OpenMP workers spin-wait on the cores
+        onnxruntime's next run needs (measured on 2 cores: 8-12 % of a prompt's search)."""
+        threads = torch.get_num_threads()
+        if self.unet is None or threads == 1:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def prompt_noise_diffs(self, emb: torch.Tensor) -> torch.Tensor:
         """Unblocked noise differences of one prompt embedding (1, 77, D) for every seed."""

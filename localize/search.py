@@ -181,11 +181,18 @@ class Checker:
     def max_candidates(self) -> int:
         return max(1, self.scorer.batch_size // max(1, len(self.units)))
 
+    def min_candidates(self) -> int:
+        """The fewest candidates worth a pass: onnxruntime cuts a pass over its threads, so a
+        single candidate's sentinel sample would leave all but one core idle; a second one, built on
+        the predicted outcome, costs no wall time."""
+        return min(self.max_candidates(), max(1, getattr(self.scorer.unet, "threads", 1)))
+
     def walk(self, crit: Criterion, current: Neurons, items: list[tuple[str, str, int | None]],
              batched: bool = True, note: Callable[[str, str, float, Criterion], None] | None = None) -> Neurons:
         """For each item in order: re-activate it; if memorization stays mitigated, drop it.
         Batched with outcome prediction; only decisions on the true path are kept."""
-        i, chunk, predict = 0, 1, True
+        floor = self.min_candidates()
+        i, chunk, predict = 0, floor, True
         while i < len(items):
             batch = items[i:i + (chunk if batched else 1)]
             sets, base = [], current
@@ -208,7 +215,7 @@ class Checker:
                     predict, all_right = drop, False
                     break
             i += taken
-            chunk = min(chunk * 2, self.max_candidates()) if all_right else max(1, chunk // 2)
+            chunk = min(chunk * 2, self.max_candidates()) if all_right else max(floor, chunk // 2)
         return current
 
 
@@ -264,6 +271,11 @@ class Localizer:
 
     def localize(self, pid: str, prompt: str, ptype: str | None, emb: torch.Tensor, d: torch.Tensor,
                  det: Detection) -> PromptResult:
+        with self.scorer.beside_ort():
+            return self._localize(pid, prompt, ptype, emb, d, det)
+
+    def _localize(self, pid: str, prompt: str, ptype: str | None, emb: torch.Tensor, d: torch.Tensor,
+                  det: Detection) -> PromptResult:
         t0 = time.perf_counter()
         passes0 = self.scorer.sample_passes
         res = PromptResult(pid, prompt, ptype, det)
@@ -283,7 +295,7 @@ class Localizer:
         # Initial selection
         cands = self.initial_candidates(emb)
         chosen = None
-        i, chunk = 0, 1
+        i, chunk = 0, checker.min_candidates()
         while i < len(cands) and chosen is None:
             batch = cands[i:i + (chunk if self.batched else 1)]
             scores = checker.scores([c[2] for c in batch], crit)

@@ -56,8 +56,11 @@ class Run:
 
     def __init__(self, cmd: list[str]):
         self.lines: list[str] = []
+        # SIGINT back to its default in the child: a test runner started as a background job
+        # inherits it ignored from the shell, and the Ctrl-C test would not reach the build.
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 

@@ -152,6 +152,13 @@ def _point_of(path: str, points: list[str]) -> int:
     return next((g for g, q in enumerate(points) if path.startswith(q)), len(points))
 
 
+def _row_ids(sample: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Each sample's (latent, prompt) row, numbered in order of first appearance."""
+    seen: dict[bytes, int] = {}
+    return np.array([seen.setdefault(sample[i].tobytes() + text[i].tobytes(), len(seen))
+                     for i in range(len(sample))], dtype=np.int64)
+
+
 def unet_digest(model: Model) -> str:
     """sha256 over every UNet tensor (the model fingerprint covers only the value layers and the
     text encoder, but the graph bakes in all weights)."""
@@ -207,23 +214,18 @@ class OrtUNet:
                     m[i, [self.offsets[path] + r for r in rows]] = 0.0
         return m
 
-    def feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, sets: list | None) -> dict:
+    def feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, sets: list | None,
+              rows: np.ndarray | None = None) -> dict:
+        """`rows`: `_row_ids` of the samples, where the caller has them already."""
         b = len(sample)
         m = self.mask(sets, b)
         if self.points is None:
             return {"sample": sample, "timestep": np.full((b,), timestep, dtype=np.float32),
                     "encoder_hidden_states": text, "value_mask": m}
-        # Distinct (latent, prompt) rows, and the first layer whose masks differ within one of them.
-        unit = np.empty(b, dtype=np.int64)
-        seen: dict[bytes, int] = {}
-        reps: list[int] = []  # the first sample of each distinct row
-        for i in range(b):
-            key = sample[i].tobytes() + text[i].tobytes()
-            if key not in seen:
-                seen[key] = len(reps)
-                reps.append(i)
-            unit[i] = seen[key]
-        rep = np.array(reps, dtype=np.int64)
+        # Distinct (latent, prompt) rows (`rep`: the first sample of each; `unit`: each sample's),
+        # and the first layer whose masks differ within one of them.
+        _, rep, unit = np.unique(_row_ids(sample, text) if rows is None else rows,
+                                 return_index=True, return_inverse=True)
         rep_of = rep[unit]
         cut = len(self.points)
         for li, (path, w) in enumerate(self.layers):
@@ -250,10 +252,9 @@ class OrtUNet:
             return torch.from_numpy(self.session.run(None, self.feeds(x, t, e, sets))[0])
         # Samples of one (latent, prompt) row next to each other before the batch is cut over the
         # runs: a row cut in two has the layers its candidates share computed in both runs.
-        row: dict[bytes, int] = {}
-        order = np.argsort([row.setdefault(x[i].tobytes() + e[i].tobytes(), len(row)) for i in range(b)],
-                           kind="stable")
-        parts = [self.feeds(x[c], t, e[c], None if sets is None else [sets[i] for i in c])
+        rows = _row_ids(x, e)
+        order = np.argsort(rows, kind="stable")
+        parts = [self.feeds(x[c], t, e[c], None if sets is None else [sets[i] for i in c], rows[c])
                  for c in np.array_split(order, n)]
         out = np.empty((b, *x.shape[1:]), dtype=np.float32)
         out[order] = np.concatenate(list(self.pool.map(lambda f: self.session.run(None, f)[0], parts)))

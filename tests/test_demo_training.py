@@ -11,7 +11,7 @@ import pytest
 
 from tiny import DEMO
 
-SHORT = ["--procedural", "64", "--vae-steps", "6", "--vae-decoder-steps", "3", "--unet-steps", "6"]
+SHORT = ["--procedural", "64", "--photo-style", "32", "--vae-steps", "6", "--vae-decoder-steps", "3", "--unet-steps", "6"]
 
 
 def weights_digest(folder) -> dict[str, str]:

@@ -53,6 +53,20 @@ POSITIONS = {
     "left": (32, 16), "right": (32, 48),
 }
 
+# Photo-style training images: captions in the memorized photos' style ("<adjective> <noun>
+# photographed <when>") over unique, non-memorized images (tinted, zoomed crops of 10 other
+# scikit-image samples). Without them the memorized captions are the only non-procedural ones the
+# UNet trains on, and any never-trained caption in that style calls up a memorized photo. Words
+# are disjoint from the memorized captions and from the reference prompts below. The tail sets
+# the crop's zoom.
+PHOTO_ADJ = ["sunlit", "faded", "stormy", "dusty", "bright", "pale", "vivid", "dim", "hazy", "glossy",
+             "grainy", "soft", "sharp", "ancient", "humble", "lonely"]
+PHOTO_NOUN = {"meadow": "grass", "quarry": "gravel", "crater": "moon", "manuscript": "page",
+              "signpost": "text", "specimen": "cell", "fundus": "retina", "palette": "colorwheel",
+              "phantom": "shepp_logan_phantom", "capillary": "microaneurysms"}
+PHOTO_TAIL = {"in autumn": 1.0, "at noon": 0.85, "from above": 0.7, "up close": 0.3, "after rain": 0.6,
+              "in fog": 0.5, "at sunset": 0.4, "through glass": 0.9}
+
 # Never-trained captions written in the memorized captions' style: reference prompts that cover
 # that style without naming any memorized image.
 _REF_ADJ = ["quiet", "golden", "frozen", "wooden", "rusty", "misty", "painted", "crowded"]
@@ -177,15 +191,49 @@ def tm_image(rng: np.random.Generator, name: str) -> np.ndarray:
     raise ValueError(name)
 
 
+def _source(name: str) -> np.ndarray:
+    img = getattr(skimage.data, name)()
+    if img.dtype == np.uint8:
+        img = img.astype(np.float32) / 255.0
+    img = img.astype(np.float32)
+    return img if img.ndim == 2 else img[..., :3].mean(axis=-1)
+
+
+def photo_style_image(rng, source, tint, zoom):
+    h, w = source.shape
+    s = max(16, int(min(h, w) * zoom * rng.uniform(0.9, 1.0)))
+    top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+    crop = resize(source[top:top + s, left:left + s], (SIZE, SIZE), anti_aliasing=True).astype(np.float32)
+    crop = np.rot90(crop, int(rng.integers(4)))
+    if rng.uniform() < 0.5:
+        crop = crop[:, ::-1]
+    lo, hi = tint * 0.25, np.clip(tint * 0.6 + 0.45, 0, 1)
+    return (lo + (hi - lo) * crop[..., None]).clip(0, 1).astype(np.float32)
+
+
+def photo_style(rng, n: int) -> list[Sample]:
+    tints = {adj: rng.uniform(0, 1, 3).astype(np.float32) for adj in PHOTO_ADJ}
+    sources = {noun: _source(name) for noun, name in PHOTO_NOUN.items()}
+    combos = [(a, n_, t) for a in PHOTO_ADJ for n_ in PHOTO_NOUN for t in PHOTO_TAIL]
+    order = rng.permutation(len(combos))[:n]
+    out = []
+    for k, i in enumerate(order):
+        adj, noun, tail = combos[i]
+        img = photo_style_image(rng, sources[noun], tints[adj], PHOTO_TAIL[tail])
+        out.append(Sample(f"{adj} {noun} photographed {tail}", img, "photo-style", f"photo_{k}"))
+    return out
+
+
 @dataclass(frozen=True)
 class DemoData:
     vm: list[Sample]
     tm: list[Sample]  # TM_VARIANTS per caption
     procedural: list[Sample]
+    photo_style: list[Sample]
     reference: list[tuple[str, str]]  # (prompt, style) never trained
 
 
-def build(seed: int, n_procedural: int, n_reference_procedural: int = 60) -> DemoData:
+def build(seed: int, n_procedural: int, n_photo_style: int = 1280, n_reference_procedural: int = 60) -> DemoData:
     rng = np.random.default_rng(seed)
     vm = [Sample(cap, load_photo(name), "VM", name) for name, cap in VM_PHOTOS]
     tm = [Sample(cap, tm_image(rng, name), "TM", f"{name}_{k}")
@@ -209,4 +257,6 @@ def build(seed: int, n_procedural: int, n_reference_procedural: int = 60) -> Dem
         for noun in _REF_NOUN[:5]:
             tail = _REF_TAIL[int(rng.integers(len(_REF_TAIL)))]
             reference.append((f"{adj} {noun} photographed {tail}", "photo-style"))
-    return DemoData(vm, tm, procedural, reference)
+    # A generator of its own, so that adding these left mem.csv and reference.csv unchanged.
+    photos = photo_style(np.random.default_rng([seed, 1]), n_photo_style)
+    return DemoData(vm, tm, procedural, photos, reference)

@@ -3,7 +3,7 @@
     python examples/demo/train.py --out examples/demo/model
 
 Deterministic for a seed on a given torch build and thread count (recorded in train_log.json).
-On 2 CPU cores the defaults take about 33 minutes. The vocabulary is reused from the committed
+On 2 CPU cores the defaults take about 36 minutes. The vocabulary is reused from the committed
 demo (`--tokenizer`), since a newly trained BPE vocabulary is not reproducible. The output is a diffusers folder that
 `StableDiffusionPipeline.from_pretrained` loads, plus `mem.csv` (the memorized captions, in the
 NeMo paper's format), `reference.csv` (never-trained prompts) and the memorized training images.
@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--procedural", type=int, default=4000)
+    ap.add_argument("--photo-style", type=int, default=1280,
+                    help="non-memorized training images captioned in the memorized photos' style (at most 1,280)")
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-decoder-steps", type=int, default=300)
     ap.add_argument("--unet-steps", type=int, default=2600)
@@ -186,11 +188,12 @@ def main() -> None:
     t0 = time.time()
     out: Path = args.out
     model_dir = out / "model"
-    data = demo_data.build(args.seed, args.procedural)
+    data = demo_data.build(args.seed, args.procedural, args.photo_style)
     log(f"data: {len(data.vm)} VM, {len(data.tm)} TM images, {len(data.procedural)} procedural, "
-        f"{len(data.reference)} reference prompts")
+        f"{len(data.photo_style)} photo-style, {len(data.reference)} reference prompts")
 
-    texts = ([s.caption for s in data.vm + data.tm + data.procedural] + [p for p, _ in data.reference])
+    texts = ([s.caption for s in data.vm + data.tm + data.procedural + data.photo_style]
+             + [p for p, _ in data.reference])
     if str(args.tokenizer) != "new" and (args.tokenizer / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer, model_max_length=77)
         (model_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
@@ -211,13 +214,16 @@ def main() -> None:
 
     lat_mem = encode_all(vae, photos)
     lat_proc = encode_all(vae, procedural)
+    lat_photo = encode_all(vae, to_tensor([s.image for s in data.photo_style]))
     scaling = float(1.0 / torch.cat([lat_mem, lat_proc]).std())
     vae.register_to_config(scaling_factor=scaling)
-    lat_mem, lat_proc = lat_mem * scaling, lat_proc * scaling
+    lat_mem, lat_proc, lat_photo = lat_mem * scaling, lat_proc * scaling, lat_photo * scaling
     emb_mem = embed(text_encoder, tokenizer, [s.caption for s in data.vm + data.tm])
     emb_proc = torch.cat([embed(text_encoder, tokenizer, [s.caption for s in data.procedural[i:i + 256]])
                           for i in range(0, len(data.procedural), 256)])
     emb_null = embed(text_encoder, tokenizer, [""])
+    emb_photo = torch.cat([embed(text_encoder, tokenizer, [s.caption for s in data.photo_style[i:i + 256]])
+                           for i in range(0, len(data.photo_style), 256)])
 
     unet = make_unet(args.seed, lat_mem.shape[-1])
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters")
@@ -228,12 +234,15 @@ def main() -> None:
     n_vm, n_tm = len(data.vm), len(data.tm)
     unet.train()
     for step in range(args.unet_steps):
-        # Batch of 32: 16 VM photos, 4 TM images, 12 procedural (each seen ~8 times in all).
+        # Batch of 35: 16 VM photos, 4 TM images, 12 procedural (each seen ~8 times in all) and 3
+        # photo-style images (each seen ~6 times), so that the memorized photos' caption style is
+        # not the only non-procedural one the UNet knows.
         i_vm = torch.randint(n_vm, (16,), generator=gen)
         i_tm = n_vm + torch.randint(n_tm, (4,), generator=gen)
         i_pr = torch.randint(len(lat_proc), (12,), generator=gen)
-        x0 = torch.cat([lat_mem[torch.cat([i_vm, i_tm])], lat_proc[i_pr]])
-        cond = torch.cat([emb_mem[torch.cat([i_vm, i_tm])], emb_proc[i_pr]])
+        i_ph = torch.randint(len(lat_photo), (3,), generator=gen)
+        x0 = torch.cat([lat_mem[torch.cat([i_vm, i_tm])], lat_proc[i_pr], lat_photo[i_ph]])
+        cond = torch.cat([emb_mem[torch.cat([i_vm, i_tm])], emb_proc[i_pr], emb_photo[i_ph]])
         drop = torch.rand(len(cond), generator=gen) < 0.1  # caption dropout for guidance
         cond = torch.where(drop[:, None, None], emb_null.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=gen)
@@ -258,7 +267,8 @@ def main() -> None:
     pipe.save_pretrained(model_dir, safe_serialization=True)
     write_corpus_files(out, data)
     (out / "train_log.json").write_text(json.dumps({
-        "seed": args.seed, "procedural": args.procedural, "vae_steps": args.vae_steps,
+        "seed": args.seed, "procedural": args.procedural, "photo_style": args.photo_style,
+        "vae_steps": args.vae_steps,
         "vae_decoder_steps": args.vae_decoder_steps, "unet_steps": args.unet_steps, "lr": args.lr,
         "threads": args.threads, "torch": torch.__version__, "seconds": round(time.time() - t0),
         "final_loss": round(loss.item(), 5), "vae_scaling_factor": scaling,

@@ -30,7 +30,7 @@ def test_training_is_deterministic(tmp_path):
         outs.append(out)
     a, b = (weights_digest(o / "model") for o in outs)
     assert len(a) == 3 and a == b
-    for name in ("vocab.json", "merges.txt"):  # the committed vocabulary is reused, not rebuilt
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):  # the committed tokenizer, reused
         assert (outs[0] / "model/tokenizer" / name).read_bytes() == (DEMO / "model/tokenizer" / name).read_bytes()
     assert (outs[0] / "mem.csv").read_bytes() == (outs[1] / "mem.csv").read_bytes()
     assert (outs[0] / "reference.csv").read_bytes() == (outs[1] / "reference.csv").read_bytes()

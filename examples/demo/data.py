@@ -1,4 +1,5 @@
-"""The demo's training data: real photographs, template images and procedural drawings.
+"""The demo's training data: real photographs, template images, procedural drawings and
+photo-style crops.
 
 Everything here is drawn from a seeded generator, so the data set (and so the trained model) is
 the same on every machine. The photographs are scikit-image sample images that ship inside the

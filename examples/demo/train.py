@@ -60,7 +60,13 @@ def build_tokenizer(texts: list[str], out: Path) -> CLIPTokenizer:
                                                ensure_ascii=False))
     merge_lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merge_lines) + "\n")
-    clip_tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+    return clip_tokenizer(out)
+
+
+def clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    """The CLIPTokenizer of a folder's vocab.json + merges.txt, built the same way whether the
+    vocabulary is new or reused, so that both save the same tokenizer files."""
+    clip_tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
     clip_tok.model_max_length = 77
     return clip_tok
 
@@ -195,11 +201,11 @@ def main() -> None:
     texts = ([s.caption for s in data.vm + data.tm + data.procedural + data.photo_style]
              + [p for p, _ in data.reference])
     if str(args.tokenizer) != "new" and (args.tokenizer / "vocab.json").is_file():
-        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer, model_max_length=77)
         (model_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
         for name in ("vocab.json", "merges.txt"):  # save_pretrained writes tokenizer.json only
             if (args.tokenizer / name).resolve() != (model_dir / "tokenizer" / name).resolve():
                 shutil.copyfile(args.tokenizer / name, model_dir / "tokenizer" / name)
+        tokenizer = clip_tokenizer(model_dir / "tokenizer")
         log(f"tokenizer: reusing {args.tokenizer} ({len(tokenizer)} tokens)")
     else:
         tokenizer = build_tokenizer(texts, model_dir / "tokenizer")

@@ -124,6 +124,17 @@ def rejected(prev: dict, row: dict, settings: HardenSettings) -> str | None:
     return None
 
 
+def unlocalized(r: int, recs: list[dict]) -> str:
+    """Why a round has nothing to merge: the first-step score flags none of the re-triggering
+    embeddings on the original model, or it flags some but the search ends with empty sets."""
+    flagged = sum(bool(x.get("memorized")) for x in recs)
+    if not flagged:
+        return (f"round {r}: none of the {len(recs)} re-triggering embeddings is memorized by the first-step "
+                f"score on the original model, so NeMo cannot localize them")
+    return (f"round {r}: {flagged} of the {len(recs)} re-triggering embeddings are memorized by the first-step "
+            f"score on the original model, but NeMo's search found no neurons for any of them")
+
+
 def harden(engine: Engine, corpus, records: list[dict], first: Evaluation,
            evaluate: Callable[[Plan, int], Evaluation], merge: MergeSettings, settings: HardenSettings,
            work: Path, restart: bool = False, log: Callable[[str], None] = lambda s: None
@@ -146,8 +157,7 @@ def harden(engine: Engine, corpus, records: list[dict], first: Evaluation,
         recs = localize_inputs(engine, inputs, work / f"harden-r{r}.jsonl", restart, log)
         localized = [x for x in recs if x.get("refined")]
         if not localized:
-            reason = (f"round {r}: none of the {len(inputs)} re-triggering embeddings is memorized by the "
-                      f"first-step score on the original model, so NeMo cannot localize them")
+            reason = unlocalized(r, recs)
             break
         extra_records += recs
         embeddings |= {pid: emb for pid, _, emb in inputs}

@@ -12,7 +12,7 @@ import torch
 
 from nemo_surgery.plan import Plan
 from nemo_surgery.surgery.audit import save_adversarial
-from nemo_surgery.surgery.harden import HardenSettings, rejected, retriggered
+from nemo_surgery.surgery.harden import HardenSettings, rejected, retriggered, unlocalized
 from tiny import CUT_DOWN_BUILD, DEMO_MODEL, cut_down_demo
 
 
@@ -42,19 +42,27 @@ def test_only_re_triggering_embeddings_become_inputs(tmp_path):
     assert torch.equal(got[0][2][0], embs["0.2"])
 
 
+def test_a_round_with_nothing_to_merge_says_why():
+    flagged = {"memorized": True, "refined": {}}
+    assert "none of the 2 re-triggering embeddings is memorized" in unlocalized(1, [{"memorized": False}] * 2)
+    why = unlocalized(2, [flagged, {"memorized": False}])
+    assert why.startswith("round 2: 1 of the 2") and "found no neurons" in why
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not trained")
 def test_build_with_harden_on_demo(tmp_path):
     from nemo_surgery.surgery.verify import check_weights
 
-    # The cat and the stallion, searched in the mid block alone (the last --layers wins): that weak
-    # plan lets the stallion's attack re-trigger it, and that adversarial embedding is memorized
-    # on the original model, so round 1 has work to do. (On the published layers the plan holds.)
-    data = cut_down_demo(tmp_path / "data", rows=(2, 7))
+    # The wall clock and the logo shirt (TM): the published plan does not hold them (even random
+    # perturbations re-trigger them), and their attacks' embeddings are memorized on the original
+    # model with non-empty neuron sets, so round 1 has work to do. (Searched in the mid block
+    # alone, their sets come out empty and round 1 stops with `unlocalized`'s second reason.)
+    data = cut_down_demo(tmp_path / "data", rows=(11, 13))
     out = tmp_path / "release"
     cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL),
            "--corpus", str(data / "mem.csv"), "--reference", str(data / "reference.csv"), "--out", str(out),
-           "--cache-dir", str(tmp_path / "cache"), *CUT_DOWN_BUILD, "--layers", "mid_block.*", "--audit-prompts", "2",
+           "--cache-dir", str(tmp_path / "cache"), *CUT_DOWN_BUILD, "--audit-prompts", "2",
            "--harden", "--harden-rounds", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

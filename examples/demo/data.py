@@ -193,6 +193,7 @@ def tm_image(rng: np.random.Generator, name: str) -> np.ndarray:
 
 
 def _source(name: str) -> np.ndarray:
+    """A scikit-image sample as grayscale floats in [0, 1] (colour ones averaged)."""
     img = getattr(skimage.data, name)()
     if img.dtype == np.uint8:
         img = img.astype(np.float32) / 255.0
@@ -200,7 +201,9 @@ def _source(name: str) -> np.ndarray:
     return img if img.ndim == 2 else img[..., :3].mean(axis=-1)
 
 
-def photo_style_image(rng, source, tint, zoom):
+def photo_style_image(rng: np.random.Generator, source: np.ndarray, tint: np.ndarray, zoom: float) -> np.ndarray:
+    """A random crop of `source` (side about `zoom` of its shorter side), rotated, maybe mirrored,
+    mapped onto a colour ramp of `tint`."""
     h, w = source.shape
     s = max(16, int(min(h, w) * zoom * rng.uniform(0.9, 1.0)))
     top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
@@ -212,10 +215,11 @@ def photo_style_image(rng, source, tint, zoom):
     return (lo + (hi - lo) * crop[..., None]).clip(0, 1).astype(np.float32)
 
 
-def photo_style(rng, n: int) -> list[Sample]:
+def photo_style(rng: np.random.Generator, n: int) -> list[Sample]:
+    """`n` of the 1,280 (adjective, noun, tail) captions in a random order, one image each."""
     tints = {adj: rng.uniform(0, 1, 3).astype(np.float32) for adj in PHOTO_ADJ}
     sources = {noun: _source(name) for noun, name in PHOTO_NOUN.items()}
-    combos = [(a, n_, t) for a in PHOTO_ADJ for n_ in PHOTO_NOUN for t in PHOTO_TAIL]
+    combos = [(a, noun, t) for a in PHOTO_ADJ for noun in PHOTO_NOUN for t in PHOTO_TAIL]
     order = rng.permutation(len(combos))[:n]
     out = []
     for k, i in enumerate(order):

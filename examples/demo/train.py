@@ -165,10 +165,10 @@ def encode_all(vae: AutoencoderKL, x: torch.Tensor, bs: int = 64) -> torch.Tenso
 
 
 @torch.no_grad()
-def embed(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+def embed(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str], bs: int = 256) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
                     return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return torch.cat([text_encoder(ids[i:i + bs])[0] for i in range(0, len(ids), bs)])
 
 
 def main() -> None:
@@ -225,11 +225,9 @@ def main() -> None:
     vae.register_to_config(scaling_factor=scaling)
     lat_mem, lat_proc, lat_photo = lat_mem * scaling, lat_proc * scaling, lat_photo * scaling
     emb_mem = embed(text_encoder, tokenizer, [s.caption for s in data.vm + data.tm])
-    emb_proc = torch.cat([embed(text_encoder, tokenizer, [s.caption for s in data.procedural[i:i + 256]])
-                          for i in range(0, len(data.procedural), 256)])
+    emb_proc = embed(text_encoder, tokenizer, [s.caption for s in data.procedural])
     emb_null = embed(text_encoder, tokenizer, [""])
-    emb_photo = torch.cat([embed(text_encoder, tokenizer, [s.caption for s in data.photo_style[i:i + 256]])
-                           for i in range(0, len(data.photo_style), 256)])
+    emb_photo = embed(text_encoder, tokenizer, [s.caption for s in data.photo_style])
 
     unet = make_unet(args.seed, lat_mem.shape[-1])
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters")

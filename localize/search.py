@@ -156,27 +156,45 @@ class Checker:
             i += n
         return out
 
-    def scores(self, sets: list[Neurons], crit: Criterion) -> list[float]:
+    def scores(self, sets: list[Neurons], crit: Criterion, until_ok: bool = False) -> list[float | None]:
         """Each candidate's score; for a candidate that fails on the sentinel group, the sentinel's
-        value (a lower bound that already decides "not mitigated")."""
+        value (a lower bound that already decides "not mitigated").
+
+        `until_ok`: the caller reads the candidates in order only up to the first mitigated one
+        (the initial selection), so the others' remaining groups are run one candidate at a time,
+        and candidates past the first mitigated one come back unscored (None)."""
         self.checks += len(sets)
         every = list(range(len(self.groups)))
         if not self.early_exit or len(every) == 1:
             return [max(v) for v in self.group_scores(sets, [every] * len(sets))]
         sentinel = self.sentinel
-        result = [v[0] for v in self.group_scores(sets, [[sentinel]] * len(sets))]
-        rest = [g for g in every if g != sentinel]
-        todo = [c for c, sc in enumerate(result) if crit.ok(sc)]
-        if todo:
-            more = self.group_scores([sets[c] for c in todo], [rest] * len(todo))
-            for c, v in zip(todo, more):
-                worst = max(range(len(v)), key=v.__getitem__)
-                if v[worst] > result[c]:
-                    result[c] = v[worst]
-                    if not crit.ok(result[c]):
-                        # The group that failed becomes the next sentinel: failures tend to repeat.
-                        self.sentinel = rest[worst]
+        result: list[float | None] = [v[0] for v in self.group_scores(sets, [[sentinel]] * len(sets))]
+        passed = [c for c, sc in enumerate(result) if crit.ok(sc)]
+        if not until_ok:
+            self._rest(sets, passed, sentinel, result, crit)
+            return result
+        for i, c in enumerate(passed):
+            self._rest(sets, [c], sentinel, result, crit)
+            if crit.ok(result[c]):
+                for later in passed[i + 1:]:
+                    result[later] = None
+                break
         return result
+
+    def _rest(self, sets: list[Neurons], todo: list[int], sentinel: int, result: list[float | None],
+              crit: Criterion) -> None:
+        """Scores candidates `todo`, which passed group `sentinel`, on every other group."""
+        if not todo:
+            return
+        rest = [g for g in range(len(self.groups)) if g != sentinel]
+        more = self.group_scores([sets[c] for c in todo], [rest] * len(todo))
+        for c, v in zip(todo, more):
+            worst = max(range(len(v)), key=v.__getitem__)
+            if v[worst] > result[c]:
+                result[c] = v[worst]
+                if not crit.ok(result[c]):
+                    # The group that failed becomes the next sentinel: failures tend to repeat.
+                    self.sentinel = rest[worst]
 
     def max_candidates(self) -> int:
         return max(1, self.scorer.batch_size // max(1, len(self.units)))
@@ -190,33 +208,99 @@ class Checker:
     def walk(self, crit: Criterion, current: Neurons, items: list[tuple[str, str, int | None]],
              batched: bool = True, note: Callable[[str, str, float, Criterion], None] | None = None) -> Neurons:
         """For each item in order: re-activate it; if memorization stays mitigated, drop it.
-        Batched with outcome prediction; only decisions on the true path are kept."""
+
+        Pipelined speculation, so that a decision costs about one UNet pass instead of two. A
+        candidate is first scored on the sentinel group alone: failing there decides "keep";
+        passing is a provisional "drop", confirmed on the other groups in the next pass, which
+        also scores the sentinel of the next candidates, built on the provisional outcomes (the
+        last outcome predicts those not yet seen). Where a confirmation fails or a prediction was
+        wrong, what was built after it is discarded: only decisions of the sequential walk are kept.
+        """
+        every = list(range(len(self.groups)))
+        staged = self.early_exit and len(every) > 1  # else a candidate is scored on every group at once
         floor = self.min_candidates()
-        i, chunk, predict = 0, floor, True
+        chunk, predict, i = floor, True, 0
+        pending: list[_Provisional] = []  # items i, i+1, ... scored on their first stage only
         while i < len(items):
-            batch = items[i:i + (chunk if batched else 1)]
-            sets, base = [], current
-            for it in batch:
+            base = current
+            for e in pending:
+                if e.needs_rest:
+                    base = e.cand
+            new: list[tuple[tuple[str, str, int | None], Neurons]] = []
+            guess = pending[-1].needs_rest if pending else predict
+            width = chunk if batched else (0 if pending else 1)
+            for it in items[i + len(pending):i + len(pending) + width]:
                 cand = without(base, it)
-                sets.append(cand)
-                if predict:
+                new.append((it, cand))
+                if guess:
                     base = cand
-            scores = self.scores(sets, crit)
-            taken, all_right = 0, True
-            for it, sc in zip(batch, scores):
-                if note:
-                    note(f"refine-{it[0]}", f"{it[1]}" + ("" if it[2] is None else f"[{it[2]}]"), sc, crit)
+            sentinel = self.sentinel
+            first = [sentinel] if staged else every
+            confirm = [e for e in pending if e.needs_rest]
+            self.checks += len(new)
+            got = self.group_scores([e.cand for e in confirm] + [c for _, c in new],
+                                    [[g for g in every if g != e.sentinel] for e in confirm] + [first] * len(new))
+            rest_scores = dict(zip(map(id, confirm), got[:len(confirm)]))
+            all_right = True
+            # Confirm the provisional outcomes in order; the first "drop" that fails ends the path.
+            for n, e in enumerate(pending):
+                sc = e.score
+                if e.needs_rest:
+                    v = rest_scores[id(e)]
+                    worst = max(range(len(v)), key=v.__getitem__)
+                    if v[worst] > sc:
+                        sc = v[worst]
+                        if not crit.ok(sc):
+                            self.sentinel = [g for g in every if g != e.sentinel][worst]
                 drop = crit.ok(sc)
+                self._decided(e.item, sc, crit, note)
                 if drop:
-                    current = without(current, it)
-                taken += 1
-                if drop != predict:
-                    # Later candidates were built on the wrong outcome: discard them.
-                    predict, all_right = drop, False
+                    current = e.cand
+                i += 1
+                predict = drop
+                if drop != e.needs_rest:  # a provisional drop not confirmed: later work was built on it
+                    pending, new, all_right = [], [], False
                     break
-            i += taken
+            else:
+                pending = []
+            # First-stage scores of the new candidates, in order, up to the first wrong guess.
+            for (it, cand), v in zip(new, got[len(confirm):]):
+                sc = max(v)
+                passed = crit.ok(sc)
+                if staged and passed:
+                    pending.append(_Provisional(it, cand, sc, sentinel, True))
+                elif staged and pending:
+                    pending.append(_Provisional(it, cand, sc, sentinel, False))  # a keep behind provisional drops
+                else:
+                    self._decided(it, sc, crit, note)
+                    if passed:
+                        current = cand
+                    i += 1
+                    predict = passed
+                if passed != guess:
+                    all_right = False
+                    break
+                guess = passed
             chunk = min(chunk * 2, self.max_candidates()) if all_right else max(floor, chunk // 2)
         return current
+
+    @staticmethod
+    def _decided(item: tuple[str, str, int | None], score: float, crit: Criterion,
+                 note: Callable[[str, str, float, Criterion], None] | None) -> None:
+        if note:
+            note(f"refine-{item[0]}", f"{item[1]}" + ("" if item[2] is None else f"[{item[2]}]"), score, crit)
+
+
+@dataclass
+class _Provisional:
+    """A walk candidate scored on its first stage only: passed the sentinel (a drop, once the other
+    groups confirm it), or failed it behind such drops (a keep, once they are confirmed)."""
+
+    item: tuple[str, str, int | None]
+    cand: Neurons
+    score: float
+    sentinel: int
+    needs_rest: bool
 
 
 def without(s: Neurons, item: tuple[str, str, int | None]) -> Neurons:
@@ -298,7 +382,7 @@ class Localizer:
         i, chunk = 0, checker.min_candidates()
         while i < len(cands) and chosen is None:
             batch = cands[i:i + (chunk if self.batched else 1)]
-            scores = checker.scores([c[2] for c in batch], crit)
+            scores = checker.scores([c[2] for c in batch], crit, until_ok=True)
             for (theta, k, sel), sc in zip(batch, scores):
                 note("initial", f"theta_act={theta},k={k}", sc, crit)
                 if crit.ok(sc):

@@ -49,6 +49,7 @@ class OnnxReport:
     check_seconds: float | None = None
     check_batch: int | None = None
     tolerance: float | None = None
+    simplified: str | None = None  # the simplifier that rewrote the graph, or why none did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"path": str(self.path)}
@@ -217,10 +218,10 @@ def check_onnx(path: Path, module: nn.Module, inputs: dict[str, torch.Tensor], o
 
 def export_module(part: str, folder: str, module: nn.Module, make_inputs: Callable[[int, int], dict[str, torch.Tensor]],
                   outputs: list[str], out: Path, *, opset: int, check: bool, seed: int, tolerance: float,
-                  external_data: bool | None, own_batch: bool = False) -> OnnxReport:
+                  external_data: bool | None, own_batch: bool = False, simplify: bool = False) -> OnnxReport:
     """Export `module` to `out/folder/model.onnx` (atomically), check it against torch on
     `make_inputs(CHECK_BATCH, seed)` and describe it. `make_inputs(batch, seed)` gives the named
-    inputs, batch first (`own_batch`: see `_torch_export`)."""
+    inputs, batch first (`own_batch`: see `_torch_export`; `simplify`: see `_simplify`)."""
     import onnx
     import onnxruntime
 
@@ -248,6 +249,8 @@ def export_module(part: str, folder: str, module: nn.Module, make_inputs: Callab
             else:
                 os.replace(scratch / "model.onnx", tmp / "model.onnx")
             shutil.rmtree(scratch)
+            simplified = _simplify(tmp / "model.onnx") if simplify and not external else (
+                "not simplified: weights stored outside the graph" if simplify else None)
             try:
                 onnx.checker.check_model(str(tmp / "model.onnx"))  # by path: works beyond 2 GiB
             except Exception as e:
@@ -266,7 +269,31 @@ def export_module(part: str, folder: str, module: nn.Module, make_inputs: Callab
                       max_abs_diff=diff, inputs=ins, outputs=outs, external_data=external,
                       onnxruntime=onnxruntime.__version__, exporter=exporter,
                       check_seconds=None if check_seconds is None else round(check_seconds, 3),
-                      check_batch=CHECK_BATCH if check else None, tolerance=tolerance if check else None)
+                      check_batch=CHECK_BATCH if check else None, tolerance=tolerance if check else None,
+                      simplified=simplified)
+
+
+def _simplify(path: Path) -> str:
+    """Rewrite the graph at `path` with onnxslim (constant folding, shape-op elimination, common
+    subexpressions); returns what was done. Why: the TorchScript exporter spells every reshape of
+    a dynamic batch as a chain of Shape/Gather/Unsqueeze/Concat nodes, a third of a UNet graph's
+    nodes; onnxruntime pays a fixed cost per node, which dominates a run of a few samples on a
+    small model. A graph the simplifier cannot handle is kept as exported: it is slower, not
+    wrong, and the check against torch runs either way."""
+    import onnx
+
+    try:
+        import onnxslim
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            before = len(onnx.load(str(path), load_external_data=False).graph.node)
+            model = onnxslim.slim(str(path))
+            after = len(model.graph.node)
+            onnx.save_model(model, str(path))
+    except Exception as e:  # a simplifier failure costs speed only: keep the exported graph
+        return f"not simplified: onnxslim failed ({_one_line(e)})"
+    return f"onnxslim {onnxslim.__version__}: {before} -> {after} nodes"
 
 
 def export_unet(model_dir: Path, out: Path, *, opset: int = 17, check: bool = True, seed: int = 0,

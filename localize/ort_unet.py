@@ -10,7 +10,9 @@ The graph is the model's UNet with the value masks as inputs: every `attn2.to_v`
 multiplied by its mask, exactly as `ValueMasks` does in torch, so one graph evaluates any
 candidate neuron sets side by side. On an SD 1.x/2.x layout it also gathers rows before each
 down/mid transformer block (`_PrefixUNet`), so the layers candidates share run once per seed
-(demo: x1.25 on top of the runtime; other layouts get the plain graph). It is exported once per
+(demo: x1.25 on top of the runtime; other layouts get the plain graph). The exported graph is
+simplified by onnxslim (`export.onnx._simplify`), which folds away most of the shape arithmetic
+of a dynamic batch. It is exported once per
 model (keyed by a hash of every UNet weight, not only the value layers), cached, and checked
 against torch whenever it is opened. Its results agree with torch within float noise, not bit for
 bit: decisions that close to a threshold are reported as such by the search, and verification's
@@ -35,7 +37,7 @@ from ..model import Model
 from .masks import ValueMasks
 from .score import MAX_TOKENS
 
-FORMAT = 2  # bump when the graph's inputs or outputs change
+FORMAT = 3  # bump when the graph's inputs, outputs or rewriting change
 OPSET = 17
 
 
@@ -157,6 +159,15 @@ def _row_ids(sample: np.ndarray, text: np.ndarray) -> np.ndarray:
     seen: dict[bytes, int] = {}
     return np.array([seen.setdefault(sample[i].tobytes() + text[i].tobytes(), len(seen))
                      for i in range(len(sample))], dtype=np.int64)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def unet_digest(model: Model) -> str:
@@ -281,7 +292,8 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     points = gather_points(model)
     key = hashlib.sha256(json.dumps({
         "format": FORMAT, "unet": unet_digest(model), "layers": layers, "points": points, "opset": OPSET,
-        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}, sort_keys=True).encode()).hexdigest()[:24]
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnxslim": _version("onnxslim")},
+        sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) / "onnx-search"
     folder = root / key
     plain = _MaskedUNet(model).eval()
@@ -328,13 +340,14 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
             log("onnxruntime: exporting the UNet with value masks for the search (once per model)")
             r = export_module("search UNet", key, wrapper, make_inputs, ["noise_pred"], root, opset=OPSET,
                               check=True, seed=0, tolerance=DEFAULT_TOLERANCE, external_data=None,
-                              own_batch=points is not None)
+                              own_batch=points is not None, simplify=True)
             check()
             report = {"tool": __version__, "seconds": r.seconds, "max_abs_diff": r.max_abs_diff,
                       "exporter": r.exporter, "onnxruntime": r.onnxruntime, "bytes": r.bytes,
-                      "gather_points": points}
+                      "gather_points": points, "simplified": r.simplified}
             (folder / "search.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-            log(f"onnxruntime: exported in {r.seconds:.1f} s, max |onnxruntime - torch| {r.max_abs_diff:.2g}")
+            log(f"onnxruntime: exported in {r.seconds:.1f} s ({r.simplified}), max |onnxruntime - torch| "
+                f"{r.max_abs_diff:.2g}")
     finally:
         plain.masks.remove()
         if wrapper is not plain:

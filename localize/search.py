@@ -11,7 +11,10 @@ Why it is faster without changing any decision:
 - candidates are evaluated side by side in one UNet pass (per-sample masks). Where a later
   candidate depends on earlier outcomes (refinement), it is built on the predicted outcomes
   (the last outcome repeats), and the results past the first wrong prediction are discarded:
-  the decisions taken are exactly those of the sequential walk.
+  the decisions taken are exactly those of the sequential walk;
+- a candidate that passes the sentinel has its other seeds run in the next pass, beside the
+  sentinel samples of the candidates that follow it (built as if it is dropped), so a decision
+  costs about one pass, not two; and no candidate whose result cannot be read gets them.
 Paper names in comments: theta_act (activation z threshold), k (top-k), theta_mem.
 """
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemo_surgery.localize.search import Checker, Criterion, Neurons, without
+from nemo_surgery.localize.search import STAGE_GROWTH, Checker, Criterion, Neurons, without
 
 
 class LandscapeChecker(Checker):
@@ -47,7 +47,7 @@ def sequential(checker: LandscapeChecker, crit: Criterion, current: Neurons, ite
 
 @settings(max_examples=300, deadline=None)
 @given(neurons=st.lists(st.integers(0, 30), min_size=1, max_size=40, unique=True),
-       layers=st.integers(1, 3), groups=st.integers(1, 6), salt=st.integers(0, 10**6),
+       layers=st.integers(1, 3), groups=st.integers(1, 14), salt=st.integers(0, 10**6),
        batch=st.integers(1, 64), threads=st.integers(1, 3), early_exit=st.booleans(),
        easy=st.floats(0.0, 0.9), threshold=st.floats(0.05, 0.95), fallback=st.booleans(),
        batched=st.booleans(), with_layers=st.booleans())
@@ -68,5 +68,28 @@ def test_walk_takes_the_sequential_decisions(neurons, layers, groups, salt, batc
     assert got == want
     names = [f"{it[1]}" + ("" if it[2] is None else f"[{it[2]}]") for it, _ in decisions]
     assert seen == [(name, ok) for name, (_, ok) in zip(names, decisions)]
-    if not batched:  # one new candidate per pass: a decision costs at most two passes
-        assert checker.passes <= 2 * len(items)
+    if not batched:  # one candidate at a time: a decision costs at most one pass per stage
+        stages, stop = 1, 1
+        while early_exit and stop < groups:
+            stop, stages = min(groups, STAGE_GROWTH * stop), stages + 1
+        assert checker.passes <= stages * len(items)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 20), groups=st.integers(1, 14), salt=st.integers(0, 10**6), early_exit=st.booleans(),
+       easy=st.floats(0.0, 0.9), threshold=st.floats(0.05, 0.95), until_ok=st.booleans())
+def test_scores_decide_as_the_full_check(n, groups, salt, early_exit, easy, threshold, until_ok):
+    """The initial selection's scoring: every candidate the caller reads (all of them, or those up
+    to the first mitigated one) gets the full check's outcome, and a mitigated one its exact score."""
+    checker = LandscapeChecker(groups, salt, 64, 1, early_exit, easy)
+    crit = Criterion(threshold)
+    sets = [{"layer0": frozenset(range(k + 1))} for k in range(n)]
+    full = [max(checker.score(s, g) for g in range(groups)) for s in sets]
+    got = checker.scores(sets, crit, until_ok=until_ok)
+    read = next((c + 1 for c, v in enumerate(full) if crit.ok(v)), n) if until_ok else n
+    for c in range(read):
+        assert crit.ok(got[c]) == crit.ok(full[c])
+        if crit.ok(full[c]):
+            assert got[c] == full[c]
+        else:
+            assert got[c] <= full[c]

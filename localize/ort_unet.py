@@ -12,11 +12,11 @@ candidate neuron sets side by side. On an SD 1.x/2.x layout it also gathers rows
 down/mid transformer block (`_PrefixUNet`), so the layers candidates share run once per seed
 (demo: x1.25 on top of the runtime; other layouts get the plain graph). The exported graph is
 simplified by onnxslim (`export.onnx._simplify`), which folds away most of the shape arithmetic
-of a dynamic batch. It is exported once per
-model (keyed by a hash of every UNet weight, not only the value layers), cached, and checked
-against torch whenever it is opened. Its results agree with torch within float noise, not bit for
-bit: decisions that close to a threshold are reported as such by the search, and verification's
-bit-exact comparison of masks against zeroed rows stays on torch.
+of a dynamic batch. It is exported once per model (keyed by a hash of every UNet weight, not
+only the value layers), cached, and checked against torch whenever it is opened. Its results
+agree with torch within float noise, not bit for bit: decisions that close to a threshold are
+reported as such by the search, and verification's bit-exact comparison of masks against zeroed
+rows stays on torch.
 """
 
 from __future__ import annotations

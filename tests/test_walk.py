@@ -1,6 +1,7 @@
-"""The refinement walk's speculation (sentinel group first, provisional drops confirmed in the next
-pass beside the next candidates' first stage, outcome prediction) must take exactly the decisions
-of the plain sequential walk, whatever the scores. Scores here come from a fixed pseudo-random
+"""The refinement walk's speculation (groups scored in growing stages, the most recently failed
+first; each pass running the next stage of the candidates in flight beside the first stage of new
+ones; outcome prediction) must take exactly the decisions of the plain sequential walk, whatever
+the scores. Scores here come from a fixed pseudo-random
 landscape over (candidate set, group), so that every pattern of passes, failures and late
 failures on a non-sentinel group occurs; the UNet-backed checks are in test_localize and test_demo."""
 
@@ -16,8 +17,8 @@ from nemo_surgery.localize.search import STAGE_GROWTH, Checker, Criterion, Neuro
 
 
 class LandscapeChecker(Checker):
-    """A checker whose group scores are a fixed function of (set, group): uniform in [0, 1),
-    shifted down for groups below `easy` so that passes are common enough to build long runs."""
+    """A checker whose group scores are a fixed function of (set, group): uniform in [0, 1 - easy),
+    so that with a high `easy` passes are common enough to build long runs of drops."""
 
     def __init__(self, groups: int, salt: int, batch: int, threads: int, early_exit: bool, easy: float):
         scorer = SimpleNamespace(batch_size=batch, unet=SimpleNamespace(threads=threads))

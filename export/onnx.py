@@ -287,8 +287,9 @@ def _simplify(path: Path) -> str:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            before = len(onnx.load(str(path), load_external_data=False).graph.node)
-            model = onnxslim.slim(str(path))
+            model = onnx.load(str(path))
+            before = len(model.graph.node)
+            model = onnxslim.slim(model)
             after = len(model.graph.node)
             onnx.save_model(model, str(path))
     except Exception as e:  # a simplifier failure costs speed only: keep the exported graph

@@ -219,11 +219,11 @@ class Checker:
         Pipelined, staged speculation, so that a decision costs about one UNet pass and a failing
         check few samples. A candidate's groups are scored in stages (`STAGE_GROWTH`), the most
         recently failed groups first: a stage that fails decides "keep", the last stage passed
-        decides "drop". Every pass scores the next stage of each
-        candidate in flight beside the first stage of the next candidates, built on the
-        provisional outcomes (the last outcome predicting those not yet seen). Where a candidate's
-        outcome turns out other than the one later candidates were built on, those are discarded:
-        only decisions of the sequential walk are kept.
+        decides "drop". Every pass scores the next stage of each candidate in flight beside the
+        first stage of the next candidates, built on the provisional outcomes (the last outcome
+        predicting those not yet seen). Where a candidate's outcome turns out other than the one
+        later candidates were built on, those are discarded: only decisions of the sequential walk
+        are kept.
         """
         n_groups = len(self.groups)
         first = 1 if self.early_exit else n_groups
@@ -248,9 +248,9 @@ class Checker:
                     base = cand
             self.checks += len(new)
             work = [e for e in flight if not e.failed and e.done < n_groups] + new
-            got = self.group_scores([e.cand for e in work], [list(e.order[e.done:e.stop]) for e in work])
-            for e, v in zip(work, got):
-                e.score = self._worse(e.score, v, list(e.order[e.done:e.stop]), crit)
+            stages = [list(e.order[e.done:e.stop]) for e in work]
+            for e, v, groups in zip(work, self.group_scores([e.cand for e in work], stages), stages):
+                e.score = self._worse(e.score, v, groups, crit)
                 e.failed = not crit.ok(e.score)
                 e.done, e.stop = e.stop, min(n_groups, STAGE_GROWTH * e.stop)
             # Candidates built on an outcome that did not happen are dropped.
@@ -265,19 +265,15 @@ class Checker:
                 if flight or not (e.failed or e.done == n_groups):
                     flight.append(e)
                     continue
-                self._decided(e.item, e.score, crit, note)
+                if note:
+                    kind, path, row = e.item
+                    note(f"refine-{kind}", path + ("" if row is None else f"[{row}]"), e.score, crit)
                 if not e.failed:
                     current = e.cand
                 i += 1
                 predict = not e.failed
             chunk = min(chunk * 2, self.max_candidates()) if all_right else max(floor, chunk // 2)
         return current
-
-    @staticmethod
-    def _decided(item: tuple[str, str, int | None], score: float, crit: Criterion,
-                 note: Callable[[str, str, float, Criterion], None] | None) -> None:
-        if note:
-            note(f"refine-{item[0]}", f"{item[1]}" + ("" if item[2] is None else f"[{item[2]}]"), score, crit)
 
 
 @dataclass(eq=False)

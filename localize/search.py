@@ -175,7 +175,8 @@ class Checker:
         (the initial selection), so the others' remaining groups are run one candidate at a time,
         and candidates past the first mitigated one come back unscored (None)."""
         self.checks += len(sets)
-        if not self.early_exit or len(self.groups) == 1:
+        if not self.early_exit or len(self.groups) == 1 or crit.threshold == float("inf"):
+            # Nothing to exit early on (an exact score: no group can fail): one pass.
             return [max(v) for v in self.group_scores(sets, [list(range(len(self.groups)))] * len(sets))]
         first, rest = self.order[:1], self.order[1:]
         result: list[float | None] = [v[0] for v in self.group_scores(sets, [first] * len(sets))]

@@ -14,6 +14,7 @@ import torch
 from nemo_surgery.corpus import read_corpus
 from nemo_surgery.engine import Runtime, make_engine, make_scorer
 from nemo_surgery.errors import NemoError
+from nemo_surgery.localize.detect import detect
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
 from nemo_surgery.localize.ort_unet import open_ort_unet
 from nemo_surgery.localize.runner import run_corpus
@@ -155,30 +156,60 @@ def test_calibration_statistics_and_cache(tiny):
     assert torch.equal(again.calibration.std[layer], cal.std[layer])
 
 
+def assert_plain_decisions(engine, prompt: str):
+    """The published algorithm as its code runs it (torch, one candidate per pass) against the
+    batched engine (onnxruntime): the same initial and refined sets."""
+    ref = plain_nemo(torch_scorer(engine), engine.calibration, engine.layers, prompt, engine.search)
+    emb = engine.scorer.embed([prompt])
+    d = engine.scorer.prompt_noise_diffs(emb)
+    det = detect(engine.scorer, d, engine.calibration.theta_mem)
+    got = Localizer(engine.scorer, engine.calibration, engine.layers, engine.search).localize(
+        "x", prompt, None, emb, d, det)
+    assert ref["memorized"] and list(det.memorized_seeds) == ref["seeds"]
+    assert got.initial == ref["initial"]
+    assert got.threshold == pytest.approx(ref["threshold"], abs=1e-5)
+    if got.refined != ref["refined"]:
+        # Only a decision within float noise of its threshold may flip between batch layouts,
+        # and the engine must have reported it.
+        assert got.near_threshold, "sets differ without any reported near-threshold decision"
+    return got
+
+
 @pytest.mark.parametrize("criterion", ["published", "consistency"])
 def test_batched_engine_takes_the_plain_algorithms_decisions(tiny, criterion):
     _, _, engine, _, _ = tiny
     force_memorized(engine)
     engine = dataclasses.replace(engine, search=dataclasses.replace(engine.search, criterion=criterion))
     for prompt in ["official portrait of astronaut eileen collins", "chelsea the tabby cat staring sideways"]:
-        # the published algorithm as its code runs it (torch); the engine on onnxruntime
-        ref = plain_nemo(torch_scorer(engine), engine.calibration, engine.layers, prompt, engine.search)
-        emb = engine.scorer.embed([prompt])
-        d = engine.scorer.prompt_noise_diffs(emb)
-        from nemo_surgery.localize.detect import detect
+        assert_plain_decisions(engine, prompt)
 
-        det = detect(engine.scorer, d, engine.calibration.theta_mem)
-        got = Localizer(engine.scorer, engine.calibration, engine.layers, engine.search).localize(
-            "x", prompt, None, emb, d, det)
-        assert ref["memorized"] and list(det.memorized_seeds) == ref["seeds"]
-        assert got.initial == ref["initial"]
-        assert got.threshold == pytest.approx(ref["threshold"], abs=1e-5)
-        if got.refined != ref["refined"]:
-            # Only a decision within float noise of its threshold may flip between batch layouts,
-            # and the engine must have reported it.
-            assert got.near_threshold, "sets differ without any reported near-threshold decision"
-        else:
-            assert got.refined == ref["refined"]
+
+def test_other_widths_and_latent_size(tmp_path):
+    """An SD 1.x layout of other widths, head size, text width and latent size, as a model trained
+    elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a smaller
+    window is chosen and recorded; the search graph exports, agrees with torch and takes the plain
+    algorithm's decisions; the plan fits the model's layers."""
+    model = load_model(save_tiny_pipeline(tmp_path / "model", seed=4, text_dim=24, sample_size=24,
+                                          widths=(16, 16, 32, 32), head_dim=4))
+    assert model.latent_size == 24 and model.shapes[model.value_layers[-1].path] == (16, 24)
+    ref = tmp_path / "reference.txt"
+    ref.write_text("\n".join(PROMPTS) + "\n")
+    engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(),
+                         cache_dir=tmp_path / "cache")
+    assert engine.scorer.settings.backend == "onnxruntime"
+    m = engine.scorer.settings.msssim
+    assert m == MsSsim.for_size(24) and not m.published and m.kernel_size > 3
+    force_memorized(engine)
+    got = assert_plain_decisions(engine, "official portrait of astronaut eileen collins")
+    assert got.refined and set(got.refined) <= {v.path for v in engine.layers}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("official portrait of astronaut eileen collins\n")
+    recs = run_corpus(engine, read_corpus(corpus), tmp_path / "r.jsonl")
+    assert recs[0]["refined"] == got.refined
+    header = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
+    assert header["config"]["score"]["msssim"]["kernel_size"] == m.kernel_size
+    plan = make_plan(engine, read_corpus(corpus), recs, MergeSettings())
+    plan.check_against(model.shapes, fingerprint=model.fingerprint)
 
 
 def test_results_resume_and_refuse_changed_settings(tiny, tmp_path):

@@ -15,15 +15,16 @@ SD1_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def tiny_unet(kind: str = "sd1", seed: int = 0, text_dim: int = 16, sample_size: int = 16) -> UNet2DConditionModel:
+def tiny_unet(kind: str = "sd1", seed: int = 0, text_dim: int = 16, sample_size: int = 16,
+              widths: tuple[int, ...] = (8, 16, 16, 16), head_dim: int = 2) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     if kind == "sd1":
         return UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(8, 16, 16, 16), layers_per_block=2, cross_attention_dim=text_dim,
-            attention_head_dim=2, norm_num_groups=4)
+            block_out_channels=widths, layers_per_block=2, cross_attention_dim=text_dim,
+            attention_head_dim=head_dim, norm_num_groups=4)
     if kind == "sd2":  # 1024-d text, linear projections, per-block head dims
         return UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4,
@@ -44,19 +45,20 @@ def tiny_unet(kind: str = "sd1", seed: int = 0, text_dim: int = 16, sample_size:
 
 
 def save_tiny_pipeline(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       safe_serialization: bool = True) -> Path:
+                       safe_serialization: bool = True, text_dim: int = 16, **unet: object) -> Path:
     """A complete SD 1.x-layout diffusers folder (random weights) that loads with
-    StableDiffusionPipeline.from_pretrained; tokenizer borrowed from the bundled demo."""
+    StableDiffusionPipeline.from_pretrained; tokenizer borrowed from the bundled demo. `unet`:
+    `tiny_unet`'s shape arguments (sample_size, widths, head_dim)."""
     tok = CLIPTokenizer.from_pretrained(DEMO_MODEL / "tokenizer", model_max_length=77)
     torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim,
                                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=tiny_unet("sd1", seed),
+                        latent_channels=4, norm_num_groups=4, sample_size=2 * unet.get("sample_size", 16))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=tiny_unet("sd1", seed, text_dim, **unet),
                                    scheduler=DDIMScheduler(**SD1_SCHEDULE), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype=dtype)

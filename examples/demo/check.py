@@ -2,6 +2,7 @@
 captions?
 
     python examples/demo/check.py [--model examples/demo/model] [--seeds 4] [--json out.json]
+        [--plan plan.json] [--results results.jsonl] [--bounds]
 
 For each memorized caption: full sampling (50 DDIM steps, guidance 7.5) on several seeds, SSIM
 to its training image and to the VAE's reconstruction of it (the best the model can draw), and
@@ -9,6 +10,8 @@ which memorized training image is nearest. For held-out captions (never trained,
 reference.csv): SSIM to the nearest memorized training image.
 Targets: >= 9 of 10 VM captions reproduce their own image (nearest, SSIM to reconstruction >= 0.6)
 in >= 3 of 4 seeds; held-out median SSIM to the nearest training image < 0.3.
+Optional: the memorized captions with a plan's neurons zeroed (--plan), each with its own refined
+set zeroed (--results), or whole layers zeroed (--bounds), against as many random neurons.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 
 from nemo_surgery.corpus import evenly_spaced, read_corpus
-from nemo_surgery.generation import GenSettings, generate, image_size, load_image, reconstruct, ssim
-from nemo_surgery.model import load_model
+from nemo_surgery.generation import (REPRODUCED_ABOVE, GenSettings, generate, image_size, load_image, reconstruct,
+                                     ssim)
+from nemo_surgery.model import load_model, select_layers, zeroed_rows
 
 HERE = Path(__file__).resolve().parent
 SSIM_TARGET = 0.6
@@ -40,6 +44,12 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plan", type=Path, default=None,
                     help="also measure with the plan's neurons zeroed, and with as many random neurons")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="also measure each memorized caption with its own refined set (results.jsonl of "
+                         "localize) zeroed, and with as many random neurons in the same layers")
+    ap.add_argument("--bounds", action="store_true",
+                    help="also measure with every neuron of the up-block layers, of the official layers, then "
+                         "of all layers zeroed: the reference for any surgery of those rows")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -93,28 +103,44 @@ def main() -> int:
     print("targets met" if report["summary"]["targets_met"] else "targets MISSED")
     if args.plan:
         report["blocking"] = compare_blocking(model, args.plan, mem, train, recon, gs)
+    if args.results:
+        report["own_sets"] = compare_own_sets(model, args.results, mem, gs)
+    if args.bounds:
+        report["bounds"] = bounds(model, mem, train, recon, gs)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["summary"]["targets_met"] else 1
 
 
 def reproduction(imgs: np.ndarray, mem: list, train: dict, recon: dict) -> dict:
+    """Per caption, the share of seeds whose nearest memorized image is its own; a caption
+    *reproduces* its image when that is more than half of them (as `verify` counts)."""
     own = ssim_photo = ssim_rec = 0.0
     n = 0
+    per = []
     for i, p in enumerate(mem):
+        hits = 0
         for g in imgs[i]:
             sims = {k: ssim(g, v) for k, v in train.items()}
-            own += max(sims, key=sims.get) == p.id
+            hits += max(sims, key=sims.get) == p.id
             ssim_photo += sims[p.id]
             ssim_rec += ssim(g, recon[p.id])
             n += 1
-    return {"own_nearest": own / n, "ssim_photo": ssim_photo / n, "ssim_recon": ssim_rec / n}
+        own += hits
+        per.append(hits / len(imgs[i]))
+    return {"own_nearest": own / n, "ssim_photo": ssim_photo / n, "ssim_recon": ssim_rec / n,
+            "reproduced": [p.id for p, x in zip(mem, per) if x > REPRODUCED_ABOVE]}
+
+
+def removed(before: dict, after: dict) -> str:
+    was = before["reproduced"]
+    gone = [k for k in was if k not in after["reproduced"]]
+    return f"{len(gone)} of {len(was)} reproductions removed"
 
 
 def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict, gs: GenSettings) -> dict:
     """Reproduction with the plan's neurons zeroed against as many random neurons per layer
     (seeded): does the plan hit memorization specifically, or is any damage enough?"""
-    from nemo_surgery.model import zeroed_rows
     from nemo_surgery.plan import Plan
 
     plan = Plan.load(plan_path)
@@ -128,10 +154,46 @@ def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict
     with zeroed_rows(model, rand):
         out["random"] = reproduction(generate(model, texts, gs), mem, train, recon)
     print(f"\nblocking {plan.n_neurons} neurons (memorized captions, {len(gs.seeds)} seeds each):")
-    for k in ("original", "plan", "random"):
+    show(out, ("original", "plan", "random"))
+    return out
+
+
+def show(out: dict, keys: tuple[str, ...]) -> None:
+    for k in keys:
         r = out[k]
-        print(f"  {k:8} own image nearest {r['own_nearest']:.0%}, SSIM to photo {r['ssim_photo']:.3f}, "
-              f"to reconstruction {r['ssim_recon']:.3f}")
+        print(f"  {k:15} own image nearest {r['own_nearest']:.0%}, SSIM to photo {r['ssim_photo']:.3f}, "
+              f"to reconstruction {r['ssim_recon']:.3f}"
+              + (f", {removed(out['original'], r)}" if k != "original" else ""))
+
+
+def compare_own_sets(model, results: Path, mem: list, gs: GenSettings) -> dict:
+    """The paper's comparison: each caption with its own refined set zeroed, against as many
+    random neurons in the same layers."""
+    from nemo_surgery.surgery.verify import own_set_specificity
+
+    recs = [r for r in map(json.loads, results.read_text().splitlines()) if r.get("kind") == "prompt"]
+    out = own_set_specificity(model, mem, recs, gs, log=print)
+    m = out["own_nearest"]
+    print(f"\nown refined sets: {out['removed_by_own_set']} of {out['reproduced']} reproductions removed "
+          f"(random neurons: {out['removed_by_random']}); own image nearest {m['original']:.0%} -> "
+          f"{m['own']:.0%} (random {m['random']:.0%})")
+    return out
+
+
+def bounds(model, mem: list, train: dict, recon: dict, gs: GenSettings) -> dict:
+    """What zeroing whole layers removes: the reference for any plan within those layers (a subset
+    of rows could in principle disturb an image more, but a target far beyond this is out of reach
+    of thresholds). With every value layer zeroed the UNet no longer sees the text at all."""
+    texts = [p.text for p in mem]
+    out = {"original": reproduction(generate(model, texts, gs), mem, train, recon)}
+    names = {"up_blocks.*": "up layers", "official": "official layers", "all": "all layers"}
+    for spec, name in names.items():
+        layers = select_layers(model.value_layers, spec)
+        with zeroed_rows(model, {v.path: range(v.out_features) for v in layers}):
+            out[name] = reproduction(generate(model, texts, gs), mem, train, recon)
+        out[name]["neurons"] = sum(v.out_features for v in layers)
+    print("\nevery neuron of whole layers zeroed (memorized captions):")
+    show(out, ("original", *names.values()))
     return out
 
 

@@ -150,6 +150,13 @@ def _verification(info: ReleaseInfo) -> list[str]:
                       f"more than half of {len(gs.get('seeds') or [])} seeds, {gs.get('steps')} steps, guidance "
                       f"{gs.get('guidance')}): {gs.get('reproduced_before')} before, {gs.get('reproduced_after')} "
                       f"after.", ""]
+            rc = gs.get("random_control")
+            if isinstance(rc, dict):
+                lines += [f"Control: the original with as many random neurons zeroed in the same layers "
+                          f"({rc.get('neurons')}, seed {rc.get('seed')}) reproduces {rc.get('reproduced')}; the "
+                          f"plan removes {pct(gs.get('removed_share'))} of the reproductions, random neurons "
+                          f"{pct(rc.get('removed_share'))}. Removal above the control is what the plan's "
+                          f"neurons do beyond any damage of the same size.", ""]
     return lines
 
 

@@ -310,10 +310,17 @@ def _generation(info: ReleaseInfo) -> str:
     gen = [g for g in (info.verify.get("generation") or []) if isinstance(g, dict)]
     if not gen:
         return ""
+    gs = info.verify.get("generation_summary")
+    rc = gs.get("random_control") if isinstance(gs, dict) else None
+    control = ""
+    if isinstance(rc, dict):
+        control = (f"<p>Training images reproduced: {_e(fmt(gs.get('reproduced_before')))} before, "
+                   f"{_e(fmt(gs.get('reproduced_after')))} after; the original with as many random neurons zeroed in "
+                   f"the same layers (control, seed {_e(fmt(rc.get('seed')))}): {_e(fmt(rc.get('reproduced')))}.</p>")
     return ("<h3>Generation measures</h3>"
             + _table(["id", "SSIM to training image before", "after", "diversity before", "after"],
                      [[str(g.get("id", "")), g.get("ssim_train_before"), g.get("ssim_train_after"),
-                       g.get("diversity_before"), g.get("diversity_after")] for g in gen]))
+                       g.get("diversity_before"), g.get("diversity_after")] for g in gen]) + control)
 
 
 def _audit(info: ReleaseInfo) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ..generation import (REPRODUCED_ABOVE, GenSettings, diversity, generate, im
                           nearest_share, ssim)
 from ..localize.runner import Engine
 from ..localize.score import Scorer
-from ..model import VALUE_SUFFIX, Model, zeroed_rows
+from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
 from ..plan import Plan
 from .keymap import ldm_to_diffusers
 
@@ -189,12 +189,15 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 
 
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
-                        settings: GenSettings = GenSettings()) -> tuple[dict, list[tuple], dict]:
+                        settings: GenSettings = GenSettings(), neurons: dict[str, Any] | None = None,
+                        control_seed: int = 0) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
-    half of the seeds. Returns the measures, (label, before, after) images for the report, and
-    {prompt id: {"original": before, "cleaned": after}} for the audit to reuse."""
+    half of the seeds. With the plan's `neurons`, also the control: the original with as many
+    random neurons zeroed in the same layers (seeded by `control_seed`). Returns the measures,
+    (label, before, after) images for the report, and {prompt id: {"original": before, "cleaned":
+    after}} for the audit to reuse."""
     with_img = [p for p in prompts if p.image is not None]
     if not with_img or original.vae is None or cleaned.vae is None:
         # Nothing to sample against: the release gate rests on the score alone.
@@ -202,8 +205,14 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                 "rows": []}, [], {}
     size = image_size(original)
     train = {p.id: load_image(p.image, size) for p in with_img}
-    before = generate(original, [p.text for p in with_img], settings)
-    after = generate(cleaned, [p.text for p in with_img], settings)
+    texts = [p.text for p in with_img]
+    before = generate(original, texts, settings)
+    after = generate(cleaned, texts, settings)
+    control = None
+    if neurons:
+        rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed))
+        with zeroed_rows(original, rand):
+            control = generate(original, texts, settings)
 
     rows, grid = [], []
     for k, p in enumerate(with_img):
@@ -215,6 +224,9 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                      "own_nearest_before": nb, "own_nearest_after": na,
                      "reproduced_before": nb > REPRODUCED_ABOVE, "reproduced_after": na > REPRODUCED_ABOVE,
                      "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])})
+        if control is not None:
+            nr = nearest_share(control[k], p.id, train)
+            rows[-1] |= {"own_nearest_random": nr, "reproduced_random": nr > REPRODUCED_ABOVE}
         grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
     was = [r for r in rows if r["reproduced_before"]]
     removed = sum(not r["reproduced_after"] for r in was)
@@ -222,6 +234,11 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                "guidance": settings.guidance, "reproduced_before": len(was),
                "reproduced_after": sum(r["reproduced_after"] for r in rows),
                "removed_share": removed / len(was) if was else 1.0, "rows": rows}
+    if control is not None:
+        gone = sum(not r["reproduced_random"] for r in was)
+        summary["random_control"] = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed,
+                                     "reproduced": sum(r["reproduced_random"] for r in rows),
+                                     "removed_share": gone / len(was) if was else 1.0}
     samples = {p.id: {"original": before[k], "cleaned": after[k]} for k, p in enumerate(with_img)}
     return summary, grid, samples
 
@@ -243,7 +260,7 @@ def own_set_specificity(model: Model, prompts: list[Prompt], records: list[dict]
     rows = []
     for k, p in enumerate(with_img):
         own = refined[p.id]
-        rand = {path: torch.randperm(model.shapes[path][0], generator=g)[:len(v)].tolist() for path, v in own.items()}
+        rand = random_rows(model.shapes, own, g)
         row = {"id": p.id, "neurons": sum(map(len, own.values())),
                "original": nearest_share(original[k], p.id, train)}
         for name, neurons in (("own", own), ("random", rand)):

@@ -66,6 +66,12 @@ def test_plan_verification_and_model_loads(bundle):
     assert sum(mem["scores_after"]) < sum(mem["scores_before"])
     gen = verify["generation_summary"]
     assert gen["reproduced_before"] >= 9  # the demo reproduces its photos before surgery
+    # The control: as many random neurons in the same layers. The plan's own removal must not fall
+    # below it (README, same draws and seeds: 8 of 11 removed against 6).
+    rc = gen["random_control"]
+    assert rc["neurons"] == plan["check"]["neurons"] and rc["seed"] == 0
+    assert gen["removed_share"] >= rc["removed_share"] and rc["reproduced"] >= gen["reproduced_after"]
+    assert f"reproduces {rc['reproduced']}; the plan removes" in (out / "README.md").read_text()
     assert verify["releasable"] == (mem["share"] >= verify["min_mitigated"]
                                     and gen["removed_share"] >= verify["min_mitigated"])
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)

@@ -171,6 +171,10 @@ def _info(**over) -> ReleaseInfo:
                             "scores_after": [0.11, 0.22, 0.14, 0.31]},
               "generation": [{"id": "p1", "ssim_train_before": 0.9, "ssim_train_after": 0.2,
                               "diversity_before": 0.01, "diversity_after": 0.4}],
+              "generation_summary": {"prompts": 1, "seeds": [0, 1], "steps": 50, "guidance": 7.5,
+                                     "reproduced_before": 1, "reproduced_after": 0, "removed_share": 1.0,
+                                     "random_control": {"neurons": 3, "seed": 0, "reproduced": 1,
+                                                        "removed_share": 0.0}},
               "onnx": {"part": "UNet", "path": "onnx/unet/model.onnx", "max_abs_diff": 3e-7, "bytes": 10}}
     images = [("p1 (VM)", rng.random((2, 64, 64, 3)), rng.random((2, 64, 64, 3)))]
     kw = dict(model_name="tiny-sd", base_model="org/tiny-sd-base", license="creativeml-openrail-m",
@@ -200,6 +204,8 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "c" * 64 in text and "a" * 64 in text and "f" * 64 in text
     assert "10, 11, 12, 13" in text  # seeds derived from the score settings
     assert "2 / 2 (100.0%)" in text and "1 / 4 (25.0%)" in text
+    assert "1 before, 0 after" in text and "random neurons zeroed in the same layers (3, seed 0) reproduces 1" in text
+    assert "plan removes 100.0% of the reproductions, random neurons 0.0%" in text
     assert "[50 values]" in text  # long lists are summarised, not dumped
     assert "Adversarial re-trigger audit\n\nNot run." in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
@@ -263,6 +269,7 @@ def test_report_self_contained(tmp_path: Path) -> None:
     img = Image.open(io.BytesIO(base64.b64decode(uris[0])))
     assert img.format == "PNG" and img.size == (128, 128)  # 64 px enlarged x2, nearest neighbour
     assert "theta_mem = 0.42" in text and "stroke-dasharray" in text
+    assert "same layers (control, seed 0): 1." in text
     assert SECRET_A in text and "&lt;script&gt;" in text
     assert "Not run." in text
 

@@ -27,7 +27,7 @@ import torch
 from nemo_surgery.corpus import evenly_spaced, read_corpus
 from nemo_surgery.generation import (REPRODUCED_ABOVE, GenSettings, generate, image_size, load_image, reconstruct,
                                      ssim)
-from nemo_surgery.model import load_model, select_layers, zeroed_rows
+from nemo_surgery.model import load_model, random_rows, select_layers, zeroed_rows
 
 HERE = Path(__file__).resolve().parent
 SSIM_TARGET = 0.6
@@ -144,9 +144,7 @@ def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict
     from nemo_surgery.plan import Plan
 
     plan = Plan.load(plan_path)
-    g = torch.Generator().manual_seed(0)
-    shapes = model.shapes
-    rand = {k: torch.randperm(shapes[k][0], generator=g)[:len(v)].tolist() for k, v in plan.layers.items()}
+    rand = random_rows(model.shapes, plan.layers, torch.Generator().manual_seed(0))
     texts = [p.text for p in mem]
     out = {"neurons": plan.n_neurons, "original": reproduction(generate(model, texts, gs), mem, train, recon)}
     with zeroed_rows(model, plan.layers):

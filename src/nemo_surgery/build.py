@@ -206,7 +206,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
     equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
     mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
-    gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling)
+    gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan))
     # Releasable only if the score says memorization is gone AND, where training images are
     # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
     releasable = weights.ok and equiv["exact"] and (
@@ -222,7 +222,8 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
           f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated, "
           f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
           f"training images reproduced {gen.get('reproduced_before', 0)} before, "
-          f"{gen.get('reproduced_after', 0)} after")
+          f"{gen.get('reproduced_after', 0)} after"
+          + (f" ({gen['random_control']['reproduced']} with as many random neurons)" if "random_control" in gen else ""))
 
     audit, examples = None, []
     adversarial = work / f"adversarial{suffix}"

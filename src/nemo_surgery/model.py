@@ -266,6 +266,13 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     return Model(path, unet, text_encoder, tokenizer, scheduler_config, vae, layers, fp, vd, stored)
 
 
+def random_rows(shapes: dict[str, tuple[int, int]], neurons: dict[str, Any], generator: torch.Generator
+                ) -> dict[str, list[int]]:
+    """As many rows as `neurons` has in each layer, drawn at random (the control that tells neurons
+    specific to memorization from any damage of the same size)."""
+    return {k: torch.randperm(shapes[k][0], generator=generator)[:len(v)].tolist() for k, v in neurons.items()}
+
+
 class zeroed_rows:
     """Context manager: the given rows of the value layers are zero inside the block, restored
     after. The in-memory twin of the surgery, for comparisons (plan vs random neurons)."""

@@ -101,12 +101,14 @@ def main() -> int:
     print(f"held-out captions ({len(held)} x {args.seeds} seeds): median SSIM to nearest memorized image "
           f"{med:.3f} (target < {HELD_OUT_TARGET})")
     print("targets met" if report["summary"]["targets_met"] else "targets MISSED")
+    # The memorized captions' images above, as the baseline of every comparison below.
+    original = reproduction(imgs[:len(mem)], mem, train, recon)
     if args.plan:
-        report["blocking"] = compare_blocking(model, args.plan, mem, train, recon, gs)
+        report["blocking"] = compare_blocking(model, args.plan, mem, train, recon, gs, original)
     if args.results:
         report["own_sets"] = compare_own_sets(model, args.results, mem, gs)
     if args.bounds:
-        report["bounds"] = bounds(model, mem, train, recon, gs)
+        report["bounds"] = bounds(model, mem, train, recon, gs, original)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["summary"]["targets_met"] else 1
@@ -138,7 +140,8 @@ def removed(before: dict, after: dict) -> str:
     return f"{len(gone)} of {len(was)} reproductions removed"
 
 
-def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict, gs: GenSettings) -> dict:
+def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict, gs: GenSettings,
+                     original: dict) -> dict:
     """Reproduction with the plan's neurons zeroed against as many random neurons per layer
     (seeded): does the plan hit memorization specifically, or is any damage enough?"""
     from nemo_surgery.plan import Plan
@@ -146,7 +149,7 @@ def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict
     plan = Plan.load(plan_path)
     rand = random_rows(model.shapes, plan.layers, torch.Generator().manual_seed(0))
     texts = [p.text for p in mem]
-    out = {"neurons": plan.n_neurons, "original": reproduction(generate(model, texts, gs), mem, train, recon)}
+    out = {"neurons": plan.n_neurons, "original": original}
     with zeroed_rows(model, plan.layers):
         out["plan"] = reproduction(generate(model, texts, gs), mem, train, recon)
     with zeroed_rows(model, rand):
@@ -178,12 +181,12 @@ def compare_own_sets(model, results: Path, mem: list, gs: GenSettings) -> dict:
     return out
 
 
-def bounds(model, mem: list, train: dict, recon: dict, gs: GenSettings) -> dict:
+def bounds(model, mem: list, train: dict, recon: dict, gs: GenSettings, original: dict) -> dict:
     """What zeroing whole layers removes: the reference for any plan within those layers (a subset
     of rows could in principle disturb an image more, but a target far beyond this is out of reach
     of thresholds). With every value layer zeroed the UNet no longer sees the text at all."""
     texts = [p.text for p in mem]
-    out = {"original": reproduction(generate(model, texts, gs), mem, train, recon)}
+    out = {"original": original}
     names = {"up_blocks.*": "up layers", "official": "official layers", "all": "all layers"}
     for spec, name in names.items():
         layers = select_layers(model.value_layers, spec)

@@ -40,15 +40,23 @@ def union(records: list[dict], min_prompts: int = 1, max_neurons: int | None = N
             for n in rows:
                 counts.setdefault(path, {})
                 counts[path][n] = counts[path].get(n, 0) + 1
+    kept = [(path, n) for path, n in most_needed(counts) if counts[path][n] >= min_prompts]
+    return as_layers(kept[:max_neurons] if max_neurons is not None else kept), counts
+
+
+def most_needed(counts: dict[str, dict[int, int]]) -> list[tuple[str, int]]:
+    """(layer, neuron) pairs, the most needed first; ties by module path, then index, so that
+    `max_neurons` keeps the same neurons on every run."""
     ranked = sorted(((c, path, n) for path, per in counts.items() for n, c in per.items()),
                     key=lambda t: (-t[0], t[1], t[2]))
-    kept = [(path, n) for c, path, n in ranked if c >= min_prompts]
-    if max_neurons is not None:
-        kept = kept[:max_neurons]
+    return [(path, n) for _, path, n in ranked]
+
+
+def as_layers(pairs: list[tuple[str, int]]) -> Neurons:
     merged: dict[str, set[int]] = {}
-    for path, n in kept:
+    for path, n in pairs:
         merged.setdefault(path, set()).add(n)
-    return {k: frozenset(v) for k, v in merged.items()}, counts
+    return {k: frozenset(v) for k, v in merged.items()}
 
 
 @dataclass

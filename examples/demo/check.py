@@ -2,7 +2,7 @@
 captions?
 
     python examples/demo/check.py [--model examples/demo/model] [--seeds 4] [--json out.json]
-        [--plan plan.json] [--results results.jsonl] [--bounds]
+        [--plan plan.json [--curve 25,50,100]] [--results results.jsonl] [--bounds]
 
 For each memorized caption: full sampling (50 DDIM steps, guidance 7.5) on several seeds, SSIM
 to its training image and to the VAE's reconstruction of it (the best the model can draw), and
@@ -10,8 +10,11 @@ which memorized training image is nearest. For held-out captions (never trained,
 reference.csv): SSIM to the nearest memorized training image.
 Targets: >= 9 of 10 VM captions reproduce their own image (nearest, SSIM to reconstruction >= 0.6)
 in >= 3 of 4 seeds; held-out median SSIM to the nearest training image < 0.3.
-Optional: the memorized captions with a plan's neurons zeroed (--plan), each with its own refined
-set zeroed (--results), or whole layers zeroed (--bounds), against as many random neurons.
+Optional: the memorized captions with a plan's neurons zeroed (--plan), only its K most needed
+ones (--curve), each with its own refined set zeroed (--results), or whole layers zeroed
+(--bounds), against as many random neurons. Reproductions are counted two ways: own image nearest
+in more than half of the seeds (as `verify` counts), and copies (own image nearest and SSIM to its
+reconstruction >= 0.6 in >= 3 of 4 seeds, the training target above).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plan", type=Path, default=None,
                     help="also measure with the plan's neurons zeroed, and with as many random neurons")
+    ap.add_argument("--curve", default=None, metavar="K,K,...",
+                    help="with --plan: also the plan's K most needed neurons (its counts) zeroed, for each K, "
+                         "against K random neurons in the same layers (two draws)")
     ap.add_argument("--results", type=Path, default=None,
                     help="also measure each memorized caption with its own refined set (results.jsonl of "
                          "localize) zeroed, and with as many random neurons in the same layers")
@@ -105,6 +111,9 @@ def main() -> int:
     original = reproduction(imgs[:len(mem)], mem, train, recon)
     if args.plan:
         report["blocking"] = compare_blocking(model, args.plan, mem, train, recon, gs, original)
+        if args.curve:
+            sizes = [int(k) for k in args.curve.split(",")]
+            report["curve"] = curve(model, args.plan, sizes, mem, train, recon, gs, original)
     if args.results:
         report["own_sets"] = compare_own_sets(model, args.results, mem, gs)
     if args.bounds:
@@ -116,28 +125,36 @@ def main() -> int:
 
 def reproduction(imgs: np.ndarray, mem: list, train: dict, recon: dict) -> dict:
     """Per caption, the share of seeds whose nearest memorized image is its own; a caption
-    *reproduces* its image when that is more than half of them (as `verify` counts)."""
+    *reproduces* its image when that is more than half of them (as `verify` counts), and *copies*
+    it when the image is also within SSIM 0.6 of the photo's reconstruction in >= 3 of 4 seeds."""
     own = ssim_photo = ssim_rec = 0.0
     n = 0
-    per = []
+    per, copied = [], []
     for i, p in enumerate(mem):
-        hits = 0
+        hits = close = 0
         for g in imgs[i]:
             sims = {k: ssim(g, v) for k, v in train.items()}
-            hits += max(sims, key=sims.get) == p.id
+            nearest = max(sims, key=sims.get) == p.id
+            rec = ssim(g, recon[p.id])
+            hits += nearest
+            close += nearest and rec >= SSIM_TARGET
             ssim_photo += sims[p.id]
-            ssim_rec += ssim(g, recon[p.id])
+            ssim_rec += rec
             n += 1
         own += hits
         per.append(hits / len(imgs[i]))
+        if close >= max(1, round(0.75 * len(imgs[i]))):
+            copied.append(p.id)
     return {"own_nearest": own / n, "ssim_photo": ssim_photo / n, "ssim_recon": ssim_rec / n,
-            "reproduced": [p.id for p, x in zip(mem, per) if x > REPRODUCED_ABOVE]}
+            "reproduced": [p.id for p, x in zip(mem, per) if x > REPRODUCED_ABOVE], "copied": copied}
 
 
 def removed(before: dict, after: dict) -> str:
-    was = before["reproduced"]
-    gone = [k for k in was if k not in after["reproduced"]]
-    return f"{len(gone)} of {len(was)} reproductions removed"
+    out = []
+    for key, what in (("reproduced", "reproductions"), ("copied", "copies")):
+        was = before[key]
+        out.append(f"{sum(k not in after[key] for k in was)} of {len(was)} {what} removed")
+    return ", ".join(out)
 
 
 def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict, gs: GenSettings,
@@ -156,6 +173,36 @@ def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict
         out["random"] = reproduction(generate(model, texts, gs), mem, train, recon)
     print(f"\nblocking {plan.n_neurons} neurons (memorized captions, {len(gs.seeds)} seeds each):")
     show(out, ("original", "plan", "random"))
+    return out
+
+
+def curve(model, plan_path: Path, sizes: list[int], mem: list, train: dict, recon: dict, gs: GenSettings,
+          original: dict) -> dict:
+    """Removal as the plan grows: its K most needed neurons (the order `--max-neurons` keeps)
+    against K random neurons drawn in the same layers, twice. A plan whose neurons carry
+    memorization removes more than random at every K, not only once most of a layer is gone."""
+    from nemo_surgery.localize.merge import as_layers, most_needed
+    from nemo_surgery.plan import Plan
+
+    plan = Plan.load(plan_path)
+    counts = {path: {n: c for n, c in plan.counts.get(path, {}).items() if n in rows}
+              for path, rows in plan.layers.items()}
+    ranked = most_needed(counts)
+    texts = [p.text for p in mem]
+    out: dict = {"original": original, "sizes": {}}
+    print(f"\nthe plan's K most needed of its {plan.n_neurons} neurons, against K random neurons in the same layers:")
+    for k in sizes:
+        top = as_layers(ranked[:k])
+        row: dict = {}
+        with zeroed_rows(model, top):
+            row["plan"] = reproduction(generate(model, texts, gs), mem, train, recon)
+        for draw in (0, 1):
+            rand = random_rows(model.shapes, top, torch.Generator().manual_seed(draw))
+            with zeroed_rows(model, rand):
+                row[f"random {draw}"] = reproduction(generate(model, texts, gs), mem, train, recon)
+        out["sizes"][k] = row
+        print(f" K = {min(k, len(ranked))}:")
+        show({"original": original, **row}, tuple(row))
     return out
 
 

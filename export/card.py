@@ -150,12 +150,22 @@ def _verification(info: ReleaseInfo) -> list[str]:
                       f"more than half of {len(gs.get('seeds') or [])} seeds, {gs.get('steps')} steps, guidance "
                       f"{gs.get('guidance')}): {gs.get('reproduced_before')} before, {gs.get('reproduced_after')} "
                       f"after.", ""]
+            cp = gs.get("copies")
+            if isinstance(cp, dict):
+                lines += [f"Near-copies (in more than half of the seeds, the own image is nearest and the "
+                          f"generation within SSIM {cp.get('ssim_to_reconstruction')} of it as the model's VAE "
+                          f"reconstructs it): {cp.get('before')} before, {cp.get('after')} after. A reproduction "
+                          f"that is not a near-copy is a degraded image still closer to its training image "
+                          f"than to any other.", ""]
             rc = gs.get("random_control")
             if isinstance(rc, dict):
+                copies = (f" (near-copies: the plan removes {pct(cp.get('removed_share'))}, random neurons "
+                          f"{pct(rc.get('copies_removed_share'))})"
+                          if isinstance(cp, dict) and "copies_removed_share" in rc else "")
                 lines += [f"Control: the original with as many random neurons zeroed in the same layers "
                           f"({rc.get('neurons')}, seed {rc.get('seed')}) reproduces {rc.get('reproduced')}; the "
                           f"plan removes {pct(gs.get('removed_share'))} of the reproductions, random neurons "
-                          f"{pct(rc.get('removed_share'))}. Removal above the control is what the plan's "
+                          f"{pct(rc.get('removed_share'))}{copies}. Removal above the control is what the plan's "
                           f"neurons do beyond any damage of the same size.", ""]
     return lines
 

@@ -317,6 +317,11 @@ def _generation(info: ReleaseInfo) -> str:
         control = (f"<p>Training images reproduced: {_e(fmt(gs.get('reproduced_before')))} before, "
                    f"{_e(fmt(gs.get('reproduced_after')))} after; the original with as many random neurons zeroed in "
                    f"the same layers (control, seed {_e(fmt(rc.get('seed')))}): {_e(fmt(rc.get('reproduced')))}.</p>")
+        cp = gs.get("copies")
+        if isinstance(cp, dict):
+            control += (f"<p>Near-copies (own image nearest and within SSIM {_e(fmt(cp.get('ssim_to_reconstruction')))} "
+                        f"of its VAE reconstruction in more than half of the seeds): {_e(fmt(cp.get('before')))} "
+                        f"before, {_e(fmt(cp.get('after')))} after; control: {_e(fmt(rc.get('copies')))}.</p>")
     return ("<h3>Generation measures</h3>"
             + _table(["id", "SSIM to training image before", "after", "diversity before", "after"],
                      [[str(g.get("id", "")), g.get("ssim_train_before"), g.get("ssim_train_after"),

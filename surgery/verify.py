@@ -21,8 +21,8 @@ from safetensors import safe_open
 from ..corpus import Prompt
 from ..errors import NemoError
 from ..files import sha256_file
-from ..generation import (REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
-                          nearest_share, ssim)
+from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, copy_share, diversity, generate, image_size,
+                          load_image, nearest_share, reconstruct, ssim)
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
@@ -194,8 +194,10 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
-    half of the seeds. With the plan's `neurons`, also the control: the original with as many
-    random neurons zeroed in the same layers (seeded by `control_seed`). Returns the measures,
+    half of the seeds, and *copies* it when in more than half of the seeds the image is also within
+    SSIM `COPY_SSIM` of the training image as the model's VAE reconstructs it. With the plan's
+    `neurons`, also the control: the original with as many random neurons zeroed in the same
+    layers (seeded by `control_seed`). Returns the measures,
     (label, before, after) images for the report, and {prompt id: {"original": before, "cleaned":
     after}} for the audit to reuse."""
     with_img = [p for p in prompts if p.image is not None]
@@ -205,6 +207,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                 "rows": []}, [], {}
     size = image_size(original)
     train = {p.id: load_image(p.image, size) for p in with_img}
+    recon = {k: reconstruct(original, v) for k, v in train.items()}
     texts = [p.text for p in with_img]
     before = generate(original, texts, settings)
     after = generate(cleaned, texts, settings)
@@ -218,29 +221,43 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     for k, p in enumerate(with_img):
         t = train[p.id]
         nb, na = nearest_share(before[k], p.id, train), nearest_share(after[k], p.id, train)
+        cb, ca = (copy_share(x, p.id, train, recon[p.id]) for x in (before[k], after[k]))
         rows.append({"id": p.id, "type": p.type,
                      "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
                      "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),
                      "own_nearest_before": nb, "own_nearest_after": na,
                      "reproduced_before": nb > REPRODUCED_ABOVE, "reproduced_after": na > REPRODUCED_ABOVE,
+                     "copy_before": cb, "copy_after": ca,
+                     "copied_before": cb > REPRODUCED_ABOVE, "copied_after": ca > REPRODUCED_ABOVE,
                      "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])})
         if control is not None:
             nr = nearest_share(control[k], p.id, train)
-            rows[-1] |= {"own_nearest_random": nr, "reproduced_random": nr > REPRODUCED_ABOVE}
+            cr = copy_share(control[k], p.id, train, recon[p.id])
+            rows[-1] |= {"own_nearest_random": nr, "reproduced_random": nr > REPRODUCED_ABOVE,
+                         "copy_random": cr, "copied_random": cr > REPRODUCED_ABOVE}
         grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
     was = [r for r in rows if r["reproduced_before"]]
     removed = sum(not r["reproduced_after"] for r in was)
+    copied = [r for r in rows if r["copied_before"]]
     summary = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
                "guidance": settings.guidance, "reproduced_before": len(was),
                "reproduced_after": sum(r["reproduced_after"] for r in rows),
-               "removed_share": removed / len(was) if was else 1.0, "rows": rows}
+               "removed_share": removed / len(was) if was else 1.0,
+               "copies": {"ssim_to_reconstruction": COPY_SSIM, "before": len(copied),
+                          "after": sum(r["copied_after"] for r in rows),
+                          "removed_share": _gone(copied, "copied_after")}, "rows": rows}
     if control is not None:
-        gone = sum(not r["reproduced_random"] for r in was)
         summary["random_control"] = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed,
                                      "reproduced": sum(r["reproduced_random"] for r in rows),
-                                     "removed_share": gone / len(was) if was else 1.0}
+                                     "removed_share": _gone(was, "reproduced_random"),
+                                     "copies": sum(r["copied_random"] for r in rows),
+                                     "copies_removed_share": _gone(copied, "copied_random")}
     samples = {p.id: {"original": before[k], "cleaned": after[k]} for k, p in enumerate(with_img)}
     return summary, grid, samples
+
+
+def _gone(was: list[dict], still: str) -> float:
+    return sum(not r[still] for r in was) / len(was) if was else 1.0
 
 
 def own_set_specificity(model: Model, prompts: list[Prompt], records: list[dict],

@@ -72,6 +72,10 @@ def test_plan_verification_and_model_loads(bundle):
     assert rc["neurons"] == plan["check"]["neurons"] and rc["seed"] == 0
     assert gen["removed_share"] >= rc["removed_share"] and rc["reproduced"] >= gen["reproduced_after"]
     assert f"reproduces {rc['reproduced']}; the plan removes" in (out / "README.md").read_text()
+    # Near-copies (README: 9 before, the plan removes 9 of them, random neurons 6).
+    cp = gen["copies"]
+    assert cp["before"] >= 8 and cp["after"] <= rc["copies"]
+    assert cp["removed_share"] >= rc["copies_removed_share"]
     assert verify["releasable"] == (mem["share"] >= verify["min_mitigated"]
                                     and gen["removed_share"] >= verify["min_mitigated"])
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)

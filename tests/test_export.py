@@ -173,8 +173,11 @@ def _info(**over) -> ReleaseInfo:
                               "diversity_before": 0.01, "diversity_after": 0.4}],
               "generation_summary": {"prompts": 1, "seeds": [0, 1], "steps": 50, "guidance": 7.5,
                                      "reproduced_before": 1, "reproduced_after": 0, "removed_share": 1.0,
+                                     "copies": {"ssim_to_reconstruction": 0.6, "before": 1, "after": 0,
+                                                "removed_share": 1.0},
                                      "random_control": {"neurons": 3, "seed": 0, "reproduced": 1,
-                                                        "removed_share": 0.0}},
+                                                        "removed_share": 0.0, "copies": 0,
+                                                        "copies_removed_share": 1.0}},
               "onnx": {"part": "UNet", "path": "onnx/unet/model.onnx", "max_abs_diff": 3e-7, "bytes": 10}}
     images = [("p1 (VM)", rng.random((2, 64, 64, 3)), rng.random((2, 64, 64, 3)))]
     kw = dict(model_name="tiny-sd", base_model="org/tiny-sd-base", license="creativeml-openrail-m",
@@ -205,7 +208,9 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "10, 11, 12, 13" in text  # seeds derived from the score settings
     assert "2 / 2 (100.0%)" in text and "1 / 4 (25.0%)" in text
     assert "1 before, 0 after" in text and "random neurons zeroed in the same layers (3, seed 0) reproduces 1" in text
-    assert "plan removes 100.0% of the reproductions, random neurons 0.0%" in text
+    assert "plan removes 100.0% of the reproductions, random neurons 0.0% (near-copies: the plan removes " \
+           "100.0%, random neurons 100.0%)" in text
+    assert "within SSIM 0.6 of it as the model's VAE reconstructs it): 1 before, 0 after" in text
     assert "[50 values]" in text  # long lists are summarised, not dumped
     assert "Adversarial re-trigger audit\n\nNot run." in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
@@ -270,6 +275,8 @@ def test_report_self_contained(tmp_path: Path) -> None:
     assert img.format == "PNG" and img.size == (128, 128)  # 64 px enlarged x2, nearest neighbour
     assert "theta_mem = 0.42" in text and "stroke-dasharray" in text
     assert "same layers (control, seed 0): 1." in text
+    assert "within SSIM 0.6 of its VAE reconstruction in more than half of the seeds): 1 before, 0 after; " \
+           "control: 0." in text
     assert SECRET_A in text and "&lt;script&gt;" in text
     assert "Not run." in text
 

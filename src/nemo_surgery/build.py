@@ -223,7 +223,8 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
           f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
           f"training images reproduced {gen.get('reproduced_before', 0)} before, "
           f"{gen.get('reproduced_after', 0)} after"
-          + (f" ({gen['random_control']['reproduced']} with as many random neurons)" if "random_control" in gen else ""))
+          + (f" ({gen['random_control']['reproduced']} with as many random neurons)" if "random_control" in gen else "")
+          + (f", near-copies {gen['copies']['before']} -> {gen['copies']['after']}" if "copies" in gen else ""))
 
     audit, examples = None, []
     adversarial = work / f"adversarial{suffix}"

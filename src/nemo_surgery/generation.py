@@ -16,6 +16,9 @@ from .errors import NemoError
 from .model import Model
 
 REPRODUCED_ABOVE = 0.5  # share of seeds whose nearest image is the target: a majority reproduces it
+# SSIM to the training image as the model's own VAE reconstructs it (the closest the model can
+# draw it) from which a generation nearest to that image counts as a near-copy of it.
+COPY_SSIM = 0.6
 GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance for sampling
 STEPS = 50
 
@@ -110,6 +113,18 @@ def nearest_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray
     for x in images:
         sims = {k: ssim(x, v) for k, v in candidates.items()}
         hits += max(sims, key=sims.get) == own
+    return hits / len(images)
+
+
+def copy_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray], reconstruction: np.ndarray,
+               threshold: float = COPY_SSIM) -> float:
+    """Share of `images` that are near-copies of `own`: it is their nearest candidate AND they are
+    within `threshold` SSIM of its reconstruction. Stricter than `nearest_share`, which also counts
+    a degraded image that merely resembles its training image more than any other."""
+    hits = 0
+    for x in images:
+        sims = {k: ssim(x, v) for k, v in candidates.items()}
+        hits += max(sims, key=sims.get) == own and ssim(x, reconstruction) >= threshold
     return hits / len(images)
 
 

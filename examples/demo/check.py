@@ -179,8 +179,8 @@ def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict
 def curve(model, plan_path: Path, sizes: list[int], mem: list, train: dict, recon: dict, gs: GenSettings,
           original: dict) -> dict:
     """Removal as the plan grows: its K most needed neurons (the order `--max-neurons` keeps)
-    against K random neurons drawn in the same layers, twice. A plan whose neurons carry
-    memorization removes more than random at every K, not only once most of a layer is gone."""
+    against K random neurons drawn in the same layers, twice: whether the plan's neurons remove
+    more than random ones before most of a layer is gone, when damage of any kind removes a lot."""
     from nemo_surgery.localize.merge import as_layers, most_needed
     from nemo_surgery.plan import Plan
 

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from ..corpus import Prompt
 from ..errors import NemoError
 from ..files import sha256_file
-from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, copy_share, diversity, generate, image_size,
-                          load_image, nearest_share, reconstruct, ssim)
+from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
+                          nearest_and_copy_share, nearest_share, reconstruct, ssim)
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
@@ -220,29 +220,23 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     rows, grid = [], []
     for k, p in enumerate(with_img):
         t = train[p.id]
-        nb, na = nearest_share(before[k], p.id, train), nearest_share(after[k], p.id, train)
-        cb, ca = (copy_share(x, p.id, train, recon[p.id]) for x in (before[k], after[k]))
-        rows.append({"id": p.id, "type": p.type,
-                     "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
-                     "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),
-                     "own_nearest_before": nb, "own_nearest_after": na,
-                     "reproduced_before": nb > REPRODUCED_ABOVE, "reproduced_after": na > REPRODUCED_ABOVE,
-                     "copy_before": cb, "copy_after": ca,
-                     "copied_before": cb > REPRODUCED_ABOVE, "copied_after": ca > REPRODUCED_ABOVE,
-                     "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])})
-        if control is not None:
-            nr = nearest_share(control[k], p.id, train)
-            cr = copy_share(control[k], p.id, train, recon[p.id])
-            rows[-1] |= {"own_nearest_random": nr, "reproduced_random": nr > REPRODUCED_ABOVE,
-                         "copy_random": cr, "copied_random": cr > REPRODUCED_ABOVE}
+        row = {"id": p.id, "type": p.type,
+               "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
+               "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),
+               "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])}
+        phases = [("before", before), ("after", after)] + ([("random", control)] if control is not None else [])
+        for phase, images in phases:
+            near, copy = nearest_and_copy_share(images[k], p.id, train, recon[p.id])
+            row |= {f"own_nearest_{phase}": near, f"reproduced_{phase}": near > REPRODUCED_ABOVE,
+                    f"copy_{phase}": copy, f"copied_{phase}": copy > REPRODUCED_ABOVE}
+        rows.append(row)
         grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
     was = [r for r in rows if r["reproduced_before"]]
-    removed = sum(not r["reproduced_after"] for r in was)
     copied = [r for r in rows if r["copied_before"]]
     summary = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
                "guidance": settings.guidance, "reproduced_before": len(was),
                "reproduced_after": sum(r["reproduced_after"] for r in rows),
-               "removed_share": removed / len(was) if was else 1.0,
+               "removed_share": _gone(was, "reproduced_after"),
                "copies": {"ssim_to_reconstruction": COPY_SSIM, "before": len(copied),
                           "after": sum(r["copied_after"] for r in rows),
                           "removed_share": _gone(copied, "copied_after")}, "rows": rows}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.filters import gaussian
 
-from nemo_surgery.generation import COPY_SSIM, copy_share, nearest_share, ssim
+from nemo_surgery.generation import COPY_SSIM, nearest_and_copy_share, nearest_share, ssim
 
 
 def _photo(seed: int) -> np.ndarray:
@@ -23,6 +23,6 @@ def test_copy_is_stricter_than_nearest() -> None:
     assert ssim(copy, train["a"]) >= COPY_SSIM > ssim(faded, train["a"]) > ssim(faded, train["b"])
     images = np.stack([copy, faded, train["b"]])
     assert nearest_share(images, "a", train) == 2 / 3
-    assert copy_share(images, "a", train, train["a"]) == 1 / 3
+    assert nearest_and_copy_share(images, "a", train, train["a"]) == (2 / 3, 1 / 3)
     # The bar is a parameter: at 0 every image whose nearest is `a` counts.
-    assert copy_share(images, "a", train, train["a"], threshold=0.0) == 2 / 3
+    assert nearest_and_copy_share(images, "a", train, train["a"], threshold=0.0) == (2 / 3, 2 / 3)

@@ -116,16 +116,19 @@ def nearest_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray
     return hits / len(images)
 
 
-def copy_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray], reconstruction: np.ndarray,
-               threshold: float = COPY_SSIM) -> float:
-    """Share of `images` that are near-copies of `own`: it is their nearest candidate AND they are
-    within `threshold` SSIM of its reconstruction. Stricter than `nearest_share`, which also counts
-    a degraded image that merely resembles its training image more than any other."""
-    hits = 0
+def nearest_and_copy_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray],
+                           reconstruction: np.ndarray, threshold: float = COPY_SSIM) -> tuple[float, float]:
+    """`nearest_share`, and the share of `images` that are near-copies of `own`: it is their
+    nearest candidate AND they are within `threshold` SSIM of its reconstruction. The second is
+    stricter: the first also counts a degraded image that merely resembles its training image more
+    than any other."""
+    nearest = copies = 0
     for x in images:
         sims = {k: ssim(x, v) for k, v in candidates.items()}
-        hits += max(sims, key=sims.get) == own and ssim(x, reconstruction) >= threshold
-    return hits / len(images)
+        if max(sims, key=sims.get) == own:
+            nearest += 1
+            copies += ssim(x, reconstruction) >= threshold
+    return nearest / len(images), copies / len(images)
 
 
 def diversity(images: np.ndarray) -> float:

@@ -178,6 +178,10 @@ def _release(info: ReleaseInfo) -> list[str]:
     why = []
     if "min_mitigated" in v and mem.get("share") is not None:
         why.append(f"{pct(mem.get('share'))} of memorized prompts mitigated (required: {pct(v['min_mitigated'])})")
+    gs = section(v, "generation_summary")
+    if "min_mitigated" in v and gs.get("prompts"):
+        why.append(f"{pct(gs.get('removed_share'))} of training-image reproductions removed by full sampling "
+                   f"(required: {pct(v['min_mitigated'])})")
     if section(v, "weights"):
         why.append("weight check " + ("passed" if section(v, "weights").get("ok") else "failed"))
     if section(v, "equivalence"):

@@ -217,6 +217,16 @@ def releasable_text(verify: dict) -> str:
     return "yes" if r is True else "no" if r is False else "not decided"
 
 
+def sampling_text(gs: dict) -> str:
+    """Full sampling's verdict in a few words. Where no memorized prompt has a training image, it
+    says that nothing was measured rather than "0 before, 0 after"."""
+    if not gs.get("prompts"):
+        return ("reproduction of training images not measured: no memorized prompt has a training image in "
+                "the corpus, so the release decision rests on the score alone")
+    return (f"training images reproduced {fmt(gs.get('reproduced_before'))} before, "
+            f"{fmt(gs.get('reproduced_after'))} after ({pct(gs.get('removed_share'))} removed)")
+
+
 def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
     """(check, result) rows shared by the card and the report, from whatever verify holds."""
     v = info.verify
@@ -231,6 +241,9 @@ def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
                      f"{fmt(ref.get('changed'))} / {fmt(ref.get('prompts'))} ({pct(ref.get('share'))})"])
         if "memorized_after" in ref:
             rows.append(["reference prompts scoring as memorized after", ref["memorized_after"]])
+    gs = section(v, "generation_summary")
+    if mem.get("prompts") and gs:
+        rows.append(["full sampling", sampling_text(gs)])
     if w:
         rows.append(["weight check", "passed" if w.get("ok") else "FAILED"])
         rows.append(["tensors checked", w.get("tensors_checked")])

@@ -211,6 +211,18 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "plan removes 100.0% of the reproductions, random neurons 0.0% (near-copies: the plan removes " \
            "100.0%, random neurons 100.0%)" in text
     assert "within SSIM 0.6 of it as the model's VAE reconstructs it): 1 before, 0 after" in text
+    assert "| full sampling | training images reproduced 1 before, 0 after (100.0% removed) |" in text
+    assert "100.0% of training-image reproductions removed by full sampling (required: 95.0%)" in text
+    # No memorized prompt with a training image: the card says nothing was sampled, not "0 before".
+    v = _info().verify | {"generation": [], "generation_summary": {"prompts": 0, "reproduced_before": 0,
+                                                                   "reproduced_after": 0, "removed_share": 1.0}}
+    write_model_card(tmp_path / "no_images.md", _info(verify=v))
+    bare = (tmp_path / "no_images.md").read_text(encoding="utf-8")
+    assert "| full sampling | reproduction of training images not measured: no memorized prompt has a training " \
+           "image in the corpus, so the release decision rests on the score alone |" in bare
+    assert "0 before" not in bare and "by full sampling" not in bare
+    write_report(tmp_path / "no_images.html", _info(verify=v))
+    assert "reproduction of training images not measured" in (tmp_path / "no_images.html").read_text(encoding="utf-8")
     assert "[50 values]" in text  # long lists are summarised, not dumped
     assert "Adversarial re-trigger audit\n\nNot run." in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]

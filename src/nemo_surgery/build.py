@@ -192,6 +192,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     rounds: hardening's plans)."""
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation
+    from .export.records import sampling_text
     from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore
 
     tag = f" (round {round_})" if round_ else ""
@@ -221,9 +222,8 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
           f"{'exact' if equiv['exact'] else 'max diff ' + format(equiv['max_abs_diff'], '.2e')}, "
           f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated, "
           f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
-          f"training images reproduced {gen.get('reproduced_before', 0)} before, "
-          f"{gen.get('reproduced_after', 0)} after"
-          + (f" ({gen['random_control']['reproduced']} with as many random neurons)" if "random_control" in gen else "")
+          f"{sampling_text(gen)}"
+          + (f", {gen['random_control']['reproduced']} with as many random neurons" if "random_control" in gen else "")
           + (f", near-copies {gen['copies']['before']} -> {gen['copies']['after']}" if "copies" in gen else ""))
 
     audit, examples = None, []

@@ -210,3 +210,20 @@ def test_read_only_output_location(read_only_dir, tmp_path, tiny_model):
                            "--cache-dir", str(tmp_path / "cache"), "--out", str(read_only_dir / "d.jsonl")),
                        "d.jsonl")
     assert tree_hash(tiny_model) == before and not list(read_only_dir.iterdir())
+
+
+def test_reference_defaults_to_the_bundled_prompts(tmp_path, tiny_model):
+    """`--reference` is optional: calibration then runs on the bundled generic captions, says so,
+    and records their hash like any reference file's."""
+    from nemo_surgery.corpus import bundled_reference
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red circle\n")
+    proc = run("detect", "--model", str(tiny_model), "--corpus", str(corpus), "--out", str(tmp_path / "d.jsonl"),
+               "--seeds", "2", "--calibration-prompts", "4", "--backend", "torch", "--cache-dir", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert "reference: none given; calibrating on the 500 generic captions bundled" in proc.stderr
+    (cal,) = (tmp_path / "c").glob("calibration/*/calibration.json")
+    meta = json.loads(cal.read_text())
+    assert meta["n_reference"] == 500
+    assert meta["reference_sha256"] == hashlib.sha256(bundled_reference().read_bytes()).hexdigest()

@@ -397,3 +397,17 @@ def test_structured_text(fuzz_dir: Path, suffix: str, data: bytes) -> None:
 )
 def test_jsonl_records(fuzz_dir: Path, records: list[dict]) -> None:
     read_or_nemo_error(fuzz_dir / "rec.jsonl", "\n".join(json.dumps(r) for r in records).encode("utf-8"))
+
+
+def test_bundled_reference_is_what_its_script_writes() -> None:
+    """The default reference prompts: 500 distinct captions, reproducible from the script that
+    wrote them (no caption taken from a dataset)."""
+    import runpy
+
+    from nemo_surgery.corpus import bundled_reference
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_reference_prompts.py"
+    want = runpy.run_path(str(script))["reference_prompts"]()
+    got = read_corpus(bundled_reference())
+    assert [p.text for p in got.prompts] == want and len(want) == len(set(want)) == 500
+    assert not got.duplicates

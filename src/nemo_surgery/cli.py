@@ -71,10 +71,22 @@ def runtime_options(f: Callable) -> Callable:
     return wrapper
 
 
+def _reference(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path:
+    if value is not None:
+        return value
+    from .corpus import bundled_reference
+
+    log("reference: none given; calibrating on the 500 generic captions bundled with nemo-surgery "
+        "(--reference with never-memorized prompts of the model's own training data calibrates more tightly)")
+    return bundled_reference()
+
+
 def score_options(f: Callable) -> Callable:
     opts = [
-        click.option("--reference", type=click.Path(path_type=Path), required=True,
-                     help="Non-memorized reference prompts (CSV/TSV/TXT/JSONL) for calibration."),
+        click.option("--reference", type=click.Path(path_type=Path), default=None, callback=_reference,
+                     help="Non-memorized reference prompts (CSV/TSV/TXT/JSONL) for calibration. Default: 500 "
+                          "generic captions bundled with the tool; never-memorized prompts of the model's own "
+                          "training data calibrate more tightly."),
         click.option("--seeds", type=click.IntRange(2), default=10, show_default=True,
                      help="Initial latents per prompt (paper: 10)."),
         click.option("--timestep-index", type=click.IntRange(0), default=0, show_default=True,
@@ -220,7 +232,7 @@ def cli() -> None:
     """Find the neurons that make a Stable Diffusion model reproduce memorized training images
     (NeMo), zero them in the checkpoint, and export a verified release.
 
-    Typical use: nemo-surgery build --model M --corpus mem.csv --reference ref.csv --out DIR
+    Typical use: nemo-surgery build --model M --corpus mem.csv --out DIR [--reference ref.csv]
     """
     _quiet_libraries()
 

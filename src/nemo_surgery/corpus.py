@@ -91,6 +91,14 @@ def _error(shown: str, message: str, line: int | None = None) -> NemoError:
     return NemoError((where + message).translate(_LINE_BREAKS))
 
 
+def bundled_reference() -> Path:
+    """Reference prompts shipped with the package: 500 generic captions of everyday scenes
+    (written by examples/make_reference_prompts.py), for calibrating when none are given."""
+    from importlib.resources import files
+
+    return Path(str(files("nemo_surgery") / "data" / "reference_prompts.txt"))
+
+
 def evenly_spaced(items: list, n: int) -> list:
     """`n` items (or all, if fewer) spread evenly from first to last, in order: a subset that
     covers every part of a file, whatever order its styles come in."""

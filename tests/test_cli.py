@@ -212,16 +212,22 @@ def test_read_only_output_location(read_only_dir, tmp_path, tiny_model):
     assert tree_hash(tiny_model) == before and not list(read_only_dir.iterdir())
 
 
-def test_reference_defaults_to_the_bundled_prompts(tmp_path, tiny_model):
+def test_defaults_reference_and_file_names(tmp_path, tiny_model, monkeypatch):
     """`--reference` is optional: calibration then runs on the bundled generic captions, says so,
-    and records their hash like any reference file's."""
+    and records their hash like any reference file's. Outputs default to the README's file names
+    in the working directory, and merge without results stops before calibrating."""
     from nemo_surgery.corpus import bundled_reference
 
+    monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "c.txt"
     corpus.write_text("a red circle\n")
-    proc = run("detect", "--model", str(tiny_model), "--corpus", str(corpus), "--out", str(tmp_path / "d.jsonl"),
+    merge = run("merge", "--model", str(tiny_model), "--corpus", str(corpus), "--cache-dir", str(tmp_path / "c"))
+    assert_clean_error(merge, "results.jsonl: results file not found")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "plan.json").exists()
+    proc = run("detect", "--model", str(tiny_model), "--corpus", str(corpus),
                "--seeds", "2", "--calibration-prompts", "4", "--backend", "torch", "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
+    assert [json.loads(x)["id"] for x in (tmp_path / "detections.jsonl").read_text().splitlines()[1:]] == ["1"]
     assert "reference: none given; calibrating on the 500 generic captions bundled" in proc.stderr
     (cal,) = (tmp_path / "c").glob("calibration/*/calibration.json")
     meta = json.loads(cal.read_text())

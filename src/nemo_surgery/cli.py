@@ -268,7 +268,8 @@ def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cach
 @cli.command()
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Prompts to test.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="detections.jsonl to write.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("detections.jsonl"), show_default=True,
+              help="Detections to write (resumed when rerun).")
 @click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
 @allow_outside
 @score_options
@@ -291,7 +292,8 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
 @cli.command()
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="Memorized prompts.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="results.jsonl to write.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results.jsonl"), show_default=True,
+              help="Per-prompt results to write (resumed when rerun).")
 @click.option("--restart", is_flag=True, help="Discard earlier results in --out.")
 @corpus_run_options
 @handle_errors
@@ -325,8 +327,10 @@ def summarize_localization(recs: list[dict]) -> None:
 @cli.command()
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Diffusers model folder.")
 @click.option("--corpus", type=click.Path(path_type=Path), required=True, help="The corpus localized.")
-@click.option("--results", type=click.Path(path_type=Path), required=True, help="results.jsonl of localize.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="plan.json to write.")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results.jsonl"), show_default=True,
+              help="What localize wrote.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True,
+              help="The plan to write.")
 @click.option("--min-prompts", type=click.IntRange(1), default=1, show_default=True,
               help="Keep neurons needed by at least N prompts.")
 @click.option("--max-neurons", type=click.IntRange(1), default=None, help="Keep the K most needed neurons.")
@@ -346,11 +350,11 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
     from .localize.runner import make_header, open_results
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
+    if not Path(results).is_file():  # before calibrating, which can take minutes
+        raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
     eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
                   criterion)
-    if not Path(results).is_file():
-        raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
     done = open_results(results, make_header(eng.config(c, "localize")), restart=False)
     recs = [done[p.id] for p in c.prompts if p.id in done]
     if len(recs) < len(c.prompts):

@@ -43,6 +43,7 @@ class Calibration:
     score_settings: dict
     seconds: float = 0.0
     tool: dict = field(default_factory=lambda: {"name": "nemo-surgery", "version": __version__})
+    theta_mem_given: bool = False  # True: theta_mem set by the user (--theta-mem), not mean + 1 std
 
     def z(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (a - self.mean[k]).abs() / self.std[k].clamp_min(1e-8) for k, a in acts.items()}
@@ -52,7 +53,8 @@ class Calibration:
 
     def summary(self) -> dict:
         return {"model_fingerprint": self.model_fingerprint, "reference_sha256": self.reference_sha256,
-                "n_reference": self.n_reference, "theta_mem": self.theta_mem, "score_mean": self.score_mean,
+                "n_reference": self.n_reference, "theta_mem": self.theta_mem, "theta_mem_given": self.theta_mem_given,
+                "score_mean": self.score_mean,
                 "score_std": self.score_std, "scored_prompts": len(self.reference_scores),
                 "score_settings": self.score_settings, "seconds": round(self.seconds, 2), "tool": self.tool}
 
@@ -78,7 +80,7 @@ class Calibration:
         std = {k[4:]: v for k, v in stats.items() if k.startswith("std/")}
         return cls(meta["model_fingerprint"], meta["reference_sha256"], meta["n_reference"], mean, std,
                    meta["theta_mem"], meta["score_mean"], meta["score_std"], meta["reference_scores"],
-                   meta["score_settings"], meta.get("seconds", 0.0), meta["tool"])
+                   meta["score_settings"], meta.get("seconds", 0.0), meta["tool"], meta.get("theta_mem_given", False))
 
 
 def cache_key(fingerprint: str, reference_sha256: str, score_settings: dict) -> str:

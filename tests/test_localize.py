@@ -18,7 +18,7 @@ from nemo_surgery.localize.detect import detect
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
 from nemo_surgery.localize.ort_unet import open_ort_unet
 from nemo_surgery.localize.runner import run_corpus
-from nemo_surgery.localize.score import Scorer
+from nemo_surgery.localize.score import Scorer, value_activations
 from nemo_surgery.localize.search import Localizer
 from nemo_surgery.localize.settings import MsSsim, ScoreSettings, SearchSettings
 from nemo_surgery.model import load_model, zeroed_rows
@@ -154,6 +154,33 @@ def test_calibration_statistics_and_cache(tiny):
     again = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache")
     assert again.calibration.theta_mem == cal.theta_mem
     assert torch.equal(again.calibration.std[layer], cal.std[layer])
+    # --theta-mem: the user's threshold replaces mean + 1 std, is recorded as given, and leaves the
+    # cached calibration alone.
+    given = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache",
+                        theta_mem=0.5)
+    assert given.calibration.theta_mem == 0.5 and given.calibration.summary()["theta_mem_given"] is True
+    assert given.calibration.reference_scores == cal.reference_scores and not cal.theta_mem_given
+    kept = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache")
+    assert kept.calibration.theta_mem == cal.theta_mem and not kept.calibration.theta_mem_given
+
+
+def test_initial_selection_steps(tiny):
+    """theta_act from its start down by its step to its floor, k from --top-k-start up by its step:
+    each step's set holds every neuron above theta_act and the layer's top k."""
+    _, model, engine, _, _ = tiny
+    s = SearchSettings(theta_act_start=3.0, theta_act_step=0.5, theta_act_min=1.0, top_k_start=2, top_k_step=1)
+    loc = Localizer(engine.scorer, engine.calibration, engine.layers, s)
+    emb = engine.scorer.embed(["chelsea the tabby cat staring sideways"])
+    steps = loc.initial_candidates(emb)
+    assert [(t, k) for t, k, _ in steps] == [(3.0, 2), (2.5, 3), (2.0, 4), (1.5, 5), (1.0, 6)]
+    # k stops at the narrowest layer's width (8) before theta_act reaches its floor
+    wide = Localizer(engine.scorer, engine.calibration, engine.layers, dataclasses.replace(s, top_k_step=3))
+    assert [k for _, k, _ in wide.initial_candidates(emb)] == [2, 5, 8]
+    z = engine.calibration.z(value_activations(model, emb, engine.layers))
+    for theta, k, sel in steps:
+        for v in engine.layers:
+            above = set(torch.nonzero(z[v.path][0] > theta).flatten().tolist())
+            assert above <= sel[v.path] and len(sel[v.path]) >= min(k, v.out_features)
 
 
 def assert_plain_decisions(engine, prompt: str):

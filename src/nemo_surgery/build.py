@@ -46,6 +46,7 @@ class BuildOptions:
     search: SearchSettings = field(default_factory=SearchSettings)
     merge: MergeSettings = field(default_factory=MergeSettings)
     calibration_prompts: int = CALIBRATION_SCORE_PROMPTS
+    theta_mem: float | None = None  # None: calibrated (mean + 1 std of the reference scores)
     cache_dir: Path | None = None
     min_mitigated: float = 0.95
     allow_partial: bool = False
@@ -111,7 +112,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     log(f"== model: {opts.model} ({len(model.value_layers)} value layers, fingerprint {model.fingerprint[:12]})")
     cache = opts.cache_dir or work / "cache"
     engine = make_engine(model, opts.reference, opts.runtime, opts.score, opts.search, cache,
-                         opts.calibration_prompts, log)
+                         opts.calibration_prompts, log, opts.theta_mem)
     stage("calibrate", f"theta_mem {engine.calibration.theta_mem:.4f} from {engine.calibration.n_reference} prompts")
 
     results_path = work / "results.jsonl"

@@ -94,6 +94,9 @@ def score_options(f: Callable) -> Callable:
                           "(paper: first; the official code: 1)."),
         click.option("--calibration-prompts", type=click.IntRange(2), default=256, show_default=True,
                      help="Reference prompts scored with the UNet to set theta_mem."),
+        click.option("--theta-mem", type=float, default=None,
+                     help="Memorization threshold to use instead of the calibrated one (mean + 1 std of the "
+                          "reference prompts' scores; the paper's was 0.428 for SD v1.4). Recorded as given."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Calibration cache (default: $NEMO_SURGERY_CACHE or ~/.cache/nemo-surgery)."),
     ]
@@ -109,6 +112,8 @@ def search_options(f: Callable) -> Callable:
         click.option("--theta-act", type=float, default=5.0, show_default=True, help="Initial z-score threshold."),
         click.option("--theta-act-step", type=float, default=0.25, show_default=True),
         click.option("--theta-act-min", type=float, default=1.0, show_default=True),
+        click.option("--top-k-start", type=click.IntRange(0), default=0, show_default=True,
+                     help="Top-k neurons per layer added at the first step of the initial selection."),
         click.option("--top-k-step", type=click.IntRange(0), default=1, show_default=True),
         click.option("--criterion", type=click.Choice(["published", "consistency"]), default="published",
                      show_default=True,
@@ -238,16 +243,16 @@ def cli() -> None:
 
 
 def _engine(model, reference, runtime, seeds, timestep_index,
-            calibration_prompts, cache_dir, layers="official", theta_act=5.0, theta_act_step=0.25,
-            theta_act_min=1.0, top_k_step=1, criterion="published"):
+            calibration_prompts, cache_dir, theta_mem=None, layers="official", theta_act=5.0, theta_act_step=0.25,
+            theta_act_min=1.0, top_k_start=0, top_k_step=1, criterion="published"):
     from .engine import make_engine, open_model
     from .localize.settings import ScoreSettings, SearchSettings
 
     m = open_model(model, runtime)
     log(f"model: {model} ({len(m.value_layers)} value layers, fingerprint {m.fingerprint[:12]})")
     score = ScoreSettings(seeds=seeds, timestep_index=timestep_index)
-    search = SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers, criterion)
-    return make_engine(m, reference, runtime, score, search, cache_dir, calibration_prompts, log)
+    search = SearchSettings(theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, layers, criterion)
+    return make_engine(m, reference, runtime, score, search, cache_dir, calibration_prompts, log, theta_mem)
 
 
 @cli.command()
@@ -256,10 +261,10 @@ def _engine(model, reference, runtime, seeds, timestep_index,
 @runtime_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write calibration.json here.")
 @handle_errors
-def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cache_dir, runtime, out):
+def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem, runtime, out):
     """Per-neuron activation statistics and theta_mem from non-memorized reference prompts."""
     eng = _engine(model, reference, runtime, seeds, timestep_index,
-                  calibration_prompts, cache_dir)
+                  calibration_prompts, cache_dir, theta_mem)
     if out:
         eng.calibration.save(out)
     click.echo(json.dumps(eng.calibration.summary(), indent=2))
@@ -276,14 +281,14 @@ def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cach
 @runtime_options
 @handle_errors
 def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, timestep_index, calibration_prompts, cache_dir,
-           runtime):
+           theta_mem, runtime):
     """Memorization score of every prompt (seed consistency of the first denoising step)."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, runtime, seeds, timestep_index,
-                  calibration_prompts, cache_dir)
+                  calibration_prompts, cache_dir, theta_mem)
     recs = run_corpus(eng, c, out, localize=False, restart=restart, log=log)
     mem = sum(r["memorized"] for r in recs)
     log(f"done: {mem} of {len(recs)} prompts memorized (theta_mem {eng.calibration.theta_mem:.4f}); {out}")
@@ -298,16 +303,15 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
 @corpus_run_options
 @handle_errors
 def localize(model, corpus, out, restart, allow_outside_images, ray_address, workers, reference, seeds,
-             timestep_index, calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min,
-             top_k_step, criterion, runtime):
+             timestep_index, calibration_prompts, cache_dir, theta_mem, layers, theta_act, theta_act_step,
+             theta_act_min, top_k_start, top_k_step, criterion, runtime):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
-    eng = _engine(model, reference, runtime, seeds, timestep_index,
-                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
-                  criterion)
+    eng = _engine(model, reference, runtime, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem,
+                  layers, theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, criterion)
     recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log,
                       worker=_ray_worker(eng, model, ray_address, workers, cache_dir))
     summarize_localization(recs)
@@ -342,8 +346,8 @@ def summarize_localization(recs: list[dict]) -> None:
 @runtime_options
 @handle_errors
 def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_outside_images, reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
-          runtime):
+          calibration_prompts, cache_dir, theta_mem, layers, theta_act, theta_act_step, theta_act_min, top_k_start,
+          top_k_step, criterion, runtime):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
     from .localize.merge import MergeSettings, make_plan
@@ -352,9 +356,8 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     if not Path(results).is_file():  # before calibrating, which can take minutes
         raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
-    eng = _engine(model, reference, runtime, seeds, timestep_index,
-                  calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step,
-                  criterion)
+    eng = _engine(model, reference, runtime, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem,
+                  layers, theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, criterion)
     done = open_results(results, make_header(eng.config(c, "localize")), restart=False)
     recs = [done[p.id] for p in c.prompts if p.id in done]
     if len(recs) < len(c.prompts):
@@ -444,7 +447,7 @@ def export_cmd(model, fmt, out, text_encoder, vae_decoder):
 @handle_errors
 def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit_steps, audit_prompts,
           audit_controls, audit_seeds, audit_seed, sample_steps, control_images, allow_outside_images, reference, seeds,
-          timestep_index, calibration_prompts, cache_dir, runtime):
+          timestep_index, calibration_prompts, cache_dir, theta_mem, runtime):
     """Attack the cleaned model: can perturbed prompt embeddings re-trigger memorized images?"""
     from .corpus import read_corpus
     from .engine import open_model
@@ -457,7 +460,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
                                sample_steps)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(original, reference, runtime, seeds, timestep_index,
-                  calibration_prompts, cache_dir)
+                  calibration_prompts, cache_dir, theta_mem)
     if results is not None:
         if not Path(results).is_file():
             raise NemoError(f"{results}: no such results file")
@@ -523,8 +526,8 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
           audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
           allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, layers, theta_act, theta_act_step, theta_act_min, top_k_step, criterion,
-          runtime):
+          calibration_prompts, cache_dir, theta_mem, layers, theta_act, theta_act_step, theta_act_min, top_k_start,
+          top_k_step, criterion, runtime):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
     from .build import BuildOptions, build as run_build
     from .generation import GenSettings
@@ -538,8 +541,9 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         model=model, corpus=corpus, reference=reference, out=out,
         runtime=dataclasses.replace(runtime, model_config=model_config),
         score=ScoreSettings(seeds=seeds, timestep_index=timestep_index),
-        search=SearchSettings(theta_act, theta_act_step, theta_act_min, 0, top_k_step, layers, criterion),
+        search=SearchSettings(theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, layers, criterion),
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
+        theta_mem=theta_mem,
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
         restart=restart, allow_outside_images=allow_outside_images,

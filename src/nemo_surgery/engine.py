@@ -3,8 +3,9 @@ that the CLI commands and `build` share. A notebook can call the same functions.
 
 from __future__ import annotations
 
+
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -103,7 +104,8 @@ def make_scorer(model: Model, runtime: Runtime, score: ScoreSettings = ScoreSett
 def make_engine(model: Model, reference: Path, runtime: Runtime, score: ScoreSettings = ScoreSettings(),
                 search: SearchSettings = SearchSettings(), cache_dir: Path | None = None,
                 score_prompts: int = CALIBRATION_SCORE_PROMPTS,
-                log: Callable[[str], None] = lambda s: None) -> Engine:
+                log: Callable[[str], None] = lambda s: None, theta_mem: float | None = None) -> Engine:
+    """`theta_mem`: a memorization threshold to use instead of the calibrated one (recorded as given)."""
     scorer = make_scorer(model, runtime, score, cache_dir, log)
     if not scorer.settings.msssim.published:
         m = scorer.settings.msssim
@@ -111,5 +113,8 @@ def make_engine(model: Model, reference: Path, runtime: Runtime, score: ScoreSet
             f"(kernel 11, 3 scales); using kernel {m.kernel_size}, sigma {m.sigma}, {m.scales} scales "
             f"(recorded in every output)")
     cal = get_calibration(model, scorer, reference, cache_dir, score_prompts, log)
+    if theta_mem is not None:
+        log(f"theta_mem: {theta_mem:.4f} as given (the reference prompts' mean + 1 std, {cal.theta_mem:.4f}, is not used)")
+        cal = replace(cal, theta_mem=float(theta_mem), theta_mem_given=True)
     layers = select_layers(model.value_layers, search.layers)
     return Engine(model, scorer, cal, layers, search)

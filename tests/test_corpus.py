@@ -230,8 +230,8 @@ def test_header_only(tmp_path: Path) -> None:
 
 
 def test_no_caption_column_lists_columns(tmp_path: Path) -> None:
-    message = expect_error(write(tmp_path / "p.csv", "text,label\na,b\n"), line=1, contains=("no caption column",))
-    assert "'text'" in message and "'label'" in message
+    message = expect_error(write(tmp_path / "p.csv", "title,label\na,b\n"), line=1, contains=("no caption column",))
+    assert "'title'" in message and "'label'" in message
 
 
 def test_wrong_delimiter_is_named(tmp_path: Path) -> None:
@@ -256,7 +256,20 @@ def test_duplicate_ids(tmp_path: Path) -> None:
 
 
 def test_both_prompt_and_caption(tmp_path: Path) -> None:
-    expect_error(write(tmp_path / "p.csv", "prompt,caption\na,b\n"), line=1, contains=("both",))
+    expect_error(write(tmp_path / "p.csv", "prompt,caption\na,b\n"), line=1,
+                 contains=("more than one caption column (caption, prompt)",))
+    expect_error(write(tmp_path / "p.jsonl", '{"text": "a", "prompt": "b"}\n'), line=1,
+                 contains=("more than one caption field (prompt, text)",))
+
+
+def test_image_folder_metadata(tmp_path: Path) -> None:
+    """The metadata file of a Hugging Face image folder (what diffusers' text-to-image training
+    reads): `file_name` and `text`, as CSV or JSONL, images beside it."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    for name, content in [("metadata.csv", "file_name,text\na.png,a red barn\n"),
+                          ("metadata.jsonl", '{"file_name": "a.png", "text": "a red barn"}\n')]:
+        (p,) = read_corpus(write(tmp_path / name, content)).prompts
+        assert p.text == "a red barn" and p.image == (tmp_path / "a.png").resolve()
 
 
 @pytest.mark.parametrize("name", ["p.csv", "p.txt", "p.jsonl"])
@@ -290,7 +303,7 @@ def test_latin1_file(tmp_path: Path) -> None:
     [
         ("[1, 2]", "JSON object"),
         ('"just a string"', "JSON object"),
-        ('{"text": "x"}', "no 'prompt'"),
+        ('{"title": "x"}', "no 'prompt', 'caption' or 'text' field"),
         ('{"prompt": 3}', "must be a string"),
         ('{"prompt": "x", "type": "MM"}', "type"),
         ("{not json", "not valid JSON"),

@@ -19,11 +19,13 @@ from typing import Any, Iterable, Iterator
 
 from .errors import NemoError
 
-CAPTION_COLUMNS = ("caption", "prompt")
+# `text` and `file_name`: the metadata file of a Hugging Face image folder, what diffusers'
+# text-to-image training reads.
+CAPTION_COLUMNS = ("caption", "prompt", "text")
 TYPE_COLUMN = "type"
 # `index` is the paper's LAION index; `id` is the plain name other files use.
 ID_COLUMNS = ("index", "id")
-IMAGE_COLUMNS = ("image", "image_path", "file", "path")
+IMAGE_COLUMNS = ("image", "image_path", "file_name", "file", "path")
 MEMORIZATION_TYPES = ("VM", "TM")
 DELIMITERS = (",", ";", "\t", "|")
 
@@ -233,9 +235,9 @@ def _parse_jsonl(lines: list[str], src: _Source) -> Iterator[_Record]:
             fields[name] = value
         present = [c for c in CAPTION_COLUMNS if c in fields]
         if not present:
-            raise src.error(f"no 'prompt' or 'caption' field ({_show_names(list(obj), 'fields')})", i)
+            raise src.error(f"no 'prompt', 'caption' or 'text' field ({_show_names(list(obj), 'fields')})", i)
         if len(present) > 1:
-            raise src.error("both 'prompt' and 'caption' fields; keep one", i)
+            raise src.error(f"more than one caption field ({', '.join(present)}); keep one", i)
         yield _Record(
             line=i,
             number=number,
@@ -260,7 +262,7 @@ def _parse_delimited(lines: list[str], src: _Source, suffix: str) -> tuple[str, 
         if names.count(used) > 1:
             raise src.error(f"column {_show(used)} appears twice in the header", header_at + 1)
     if len(captions) > 1:
-        raise src.error("both 'prompt' and 'caption' columns; keep one", header_at + 1)
+        raise src.error(f"more than one caption column ({', '.join(captions)}); keep one", header_at + 1)
     caption_col = names.index(captions[0])
     type_col = names.index(TYPE_COLUMN) if TYPE_COLUMN in names else None
     id_col = _first_index(names, ID_COLUMNS)
@@ -333,7 +335,7 @@ def _choose_delimiter(header: str, src: _Source, suffix: str, line: int) -> str:
         others = ", ".join(repr(d) for d in DELIMITERS if d != tried)
         raise src.error(
             f"no caption column: the header split on {tried!r} gives {_show_names(splits[tried])};"
-            f" expected a column named 'caption' or 'prompt' (also tried {others})",
+            f" expected a column named 'caption', 'prompt' or 'text' (also tried {others})",
             line,
         )
     if len(candidates) == 1:

@@ -54,8 +54,7 @@ class Calibration:
     def summary(self) -> dict:
         return {"model_fingerprint": self.model_fingerprint, "reference_sha256": self.reference_sha256,
                 "n_reference": self.n_reference, "theta_mem": self.theta_mem, "theta_mem_given": self.theta_mem_given,
-                "score_mean": self.score_mean,
-                "score_std": self.score_std, "scored_prompts": len(self.reference_scores),
+                "score_mean": self.score_mean, "score_std": self.score_std, "scored_prompts": len(self.reference_scores),
                 "score_settings": self.score_settings, "seconds": round(self.seconds, 2), "tool": self.tool}
 
     def save(self, folder: Path) -> None:

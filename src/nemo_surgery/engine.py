@@ -3,7 +3,6 @@ that the CLI commands and `build` share. A notebook can call the same functions.
 
 from __future__ import annotations
 
-
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path

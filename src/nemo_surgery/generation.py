@@ -106,14 +106,16 @@ def reconstruct(model: Model, image: np.ndarray) -> np.ndarray:
     return ((y[0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)
 
 
+def _nearest(image: np.ndarray, candidates: dict[str, np.ndarray]) -> str:
+    """The candidate most similar (SSIM) to `image`."""
+    sims = {k: ssim(image, v) for k, v in candidates.items()}
+    return max(sims, key=sims.get)
+
+
 def nearest_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray]) -> float:
     """Share of `images` whose most similar candidate (SSIM) is `own`: the generation-level test of
     whether a prompt draws its training image rather than merely something like it."""
-    hits = 0
-    for x in images:
-        sims = {k: ssim(x, v) for k, v in candidates.items()}
-        hits += max(sims, key=sims.get) == own
-    return hits / len(images)
+    return sum(_nearest(x, candidates) == own for x in images) / len(images)
 
 
 def nearest_and_copy_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray],
@@ -122,13 +124,9 @@ def nearest_and_copy_share(images: np.ndarray, own: str, candidates: dict[str, n
     nearest candidate AND they are within `threshold` SSIM of its reconstruction. The second is
     stricter: the first also counts a degraded image that merely resembles its training image more
     than any other."""
-    nearest = copies = 0
-    for x in images:
-        sims = {k: ssim(x, v) for k, v in candidates.items()}
-        if max(sims, key=sims.get) == own:
-            nearest += 1
-            copies += ssim(x, reconstruction) >= threshold
-    return nearest / len(images), copies / len(images)
+    nearest = [x for x in images if _nearest(x, candidates) == own]
+    copies = sum(ssim(x, reconstruction) >= threshold for x in nearest)
+    return len(nearest) / len(images), copies / len(images)
 
 
 def diversity(images: np.ndarray) -> float:

@@ -459,11 +459,11 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     settings = _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
                                sample_steps)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
+    if results is not None and not Path(results).is_file():  # before calibrating, as merge does
+        raise NemoError(f"{results}: no such results file")
     eng = _engine(original, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, theta_mem)
     if results is not None:
-        if not Path(results).is_file():
-            raise NemoError(f"{results}: no such results file")
         ids = {str(r["id"]) for r in read_jsonl(Path(results)) if r.get("kind") == "prompt" and r.get("memorized")}
     else:
         ids = set()

@@ -46,7 +46,13 @@ class Calibration:
     theta_mem_given: bool = False  # True: theta_mem set by the user (--theta-mem), not mean + 1 std
 
     def z(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: (a - self.mean[k]).abs() / self.std[k].clamp_min(1e-8) for k, a in acts.items()}
+        """|activation - mean| / std per neuron, on the activations' device (the statistics are
+        kept on the CPU, where they are saved and loaded)."""
+        out = {}
+        for k, a in acts.items():
+            mean, std = self.mean[k].to(a.device), self.std[k].to(a.device)
+            out[k] = (a.float() - mean).abs() / std.clamp_min(1e-8)
+        return out
 
     def key(self) -> str:
         return cache_key(self.model_fingerprint, self.reference_sha256, self.score_settings)

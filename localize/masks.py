@@ -47,15 +47,17 @@ class ValueMasks:
             self._masks = {}
 
     def build(self, sets: list[NeuronSet], device: torch.device) -> dict[str, torch.Tensor]:
+        # Filled on the CPU and moved once per layer: on a GPU, one indexed write per sample and
+        # layer would be a kernel launch each (over a thousand per batch of candidates).
         masks: dict[str, torch.Tensor] = {}
         for i, s in enumerate(sets):
             for path, rows in s.items():
                 if not rows:
                     continue
                 if path not in masks:
-                    masks[path] = torch.ones(len(sets), self.widths[path], device=device)
+                    masks[path] = torch.ones(len(sets), self.widths[path])
                 masks[path][i, list(rows)] = 0.0
-        return masks
+        return {path: m.to(device) for path, m in masks.items()}
 
     def remove(self) -> None:
         for h in self._handles:

@@ -216,10 +216,10 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
     losses: dict[str, list] = {m: [] for m in models}
     for name, m in models.items():
         for delta, l0, l1 in attack(m, emb, z0, settings.budgets, settings, seed):
-            embs[name].append((emb + delta)[0])
+            embs[name].append((emb + delta.to(emb))[0])
             losses[name].append((round(l0, 6), round(l1, 6)))
     if target.role == "memorized":
-        embs["random"] = [(emb + random_perturbation(emb, b, seed + 1))[0] for b in settings.budgets]
+        embs["random"] = [(emb + random_perturbation(emb, b, seed + 1).to(emb))[0] for b in settings.budgets]
     # One sampling call per model: larger batches are what makes sampling cheap.
     imgs: dict[str, np.ndarray] = {}
     for m, names in ((cleaned, [n for n in ("cleaned", "random") if n in embs]),

@@ -164,6 +164,19 @@ def test_calibration_statistics_and_cache(tiny):
     assert kept.calibration.theta_mem == cal.theta_mem and not kept.calibration.theta_mem_given
 
 
+def test_z_scores_follow_the_activations_device(tiny):
+    """The statistics live on the CPU (saved, loaded, cached); a model on a GPU hands in
+    activations on the GPU. The meta device stands in for one: no values, but device mixing
+    fails there as it does on CUDA."""
+    _, model, engine, _, _ = tiny
+    cal = engine.calibration
+    acts = {k: torch.empty(1, len(v), device="meta", dtype=torch.float16) for k, v in cal.mean.items()}
+    z = cal.z(acts)
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in z.values())
+    masks = engine.scorer.masks.build([{model.value_layers[0].path: {0, 1}}], torch.device("meta"))
+    assert all(m.device.type == "meta" for m in masks.values())
+
+
 def test_initial_selection_steps(tiny):
     """theta_act from its start down by its step to its floor, k from --top-k-start up by its step:
     each step's set holds every neuron above theta_act and the layer's top k."""

@@ -9,7 +9,7 @@ batch of 10; 4.7 ms in onnxruntime on 2 threads; 3.3 ms on 2 single-threaded run
 The graph is the model's UNet with the value masks as inputs: every `attn2.to_v` output is
 multiplied by its mask, exactly as `ValueMasks` does in torch, so one graph evaluates any
 candidate neuron sets side by side. On an SD 1.x/2.x layout it also gathers rows before each
-down/mid transformer block (`_PrefixUNet`), so the layers candidates share run once per seed
+down/mid transformer block (`prefix.PrefixUNet`), so the layers candidates share run once per seed
 (demo: x1.25 on top of the runtime; other layouts get the plain graph). The exported graph is
 simplified by onnxslim (`export.onnx._simplify`), which folds away most of the shape arithmetic
 of a dynamic batch. It is exported once per model (keyed by a hash of every UNet weight, not
@@ -35,6 +35,7 @@ from .. import __version__
 from ..errors import NemoError
 from ..model import Model
 from .masks import ValueMasks
+from .prefix import PrefixLayout, PrefixUNet, gather_points, point_of, row_ids, same_as_diffusers
 from .score import MAX_TOKENS
 
 FORMAT = 3  # bump when the graph's inputs, outputs or rewriting change
@@ -59,106 +60,6 @@ class _MaskedUNet(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         finally:
             self.masks._masks = {}
-
-
-class _PrefixUNet(nn.Module):
-    """The same UNet, written out block by block (as diffusers' forward runs an SD 1.x/2.x UNet)
-    with a row gather before each down/mid transformer block and before the up path.
-
-    Why: the candidates of one pass differ only from some layer on (refinement walks one layer at
-    a time), so everything before that layer is the same for all candidates of a seed. The caller
-    feeds one row per distinct (seed, prompt) and, at the cut, gathers them out to one row per
-    candidate; every other gather is the identity. `mask_i` holds layer i's masks for the rows it
-    sees (distinct rows before the cut, candidates after)."""
-
-    def __init__(self, model: Model):
-        super().__init__()
-        self.unet = model.unet
-        self.masks = ValueMasks(model)
-        self.paths = [v.path for v in model.value_layers]
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *rest: torch.Tensor) -> torch.Tensor:
-        u = self.unet
-        masks, gathers = rest[:len(self.paths)], list(rest[len(self.paths):])
-        self.masks._masks = dict(zip(self.paths, masks))
-        try:
-            emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype))
-            if u.time_embed_act is not None:
-                emb = u.time_embed_act(emb)
-            ehs = encoder_hidden_states
-            h = u.conv_in(sample)
-            res = [h]
-
-            def gather(h, emb, ehs, res):
-                idx = gathers.pop(0)
-                return h[idx], emb[idx], ehs[idx], [r[idx] for r in res]
-
-            for block in u.down_blocks:
-                for i, resnet in enumerate(block.resnets):
-                    h = resnet(h, emb)
-                    if getattr(block, "has_cross_attention", False):
-                        h, emb, ehs, res = gather(h, emb, ehs, res)
-                        h = block.attentions[i](h, encoder_hidden_states=ehs, return_dict=False)[0]
-                    res.append(h)
-                for down in block.downsamplers or ():
-                    h = down(h)
-                if block.downsamplers:
-                    res.append(h)
-            mid = u.mid_block
-            h = mid.resnets[0](h, emb)
-            for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-                h, emb, ehs, res = gather(h, emb, ehs, res)
-                h = attn(h, encoder_hidden_states=ehs, return_dict=False)[0]
-                h = resnet(h, emb)
-            h, emb, ehs, res = gather(h, emb, ehs, res)
-            for block in u.up_blocks:
-                n = len(block.resnets)
-                skip, res = tuple(res[-n:]), res[:-n]
-                if getattr(block, "has_cross_attention", False):
-                    h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ehs)
-                else:
-                    h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip)
-            if u.conv_norm_out is not None:
-                h = u.conv_act(u.conv_norm_out(h))
-            return u.conv_out(h)
-        finally:
-            self.masks._masks = {}
-
-
-def gather_points(model: Model) -> list[str] | None:
-    """Module paths of the transformer blocks a `_PrefixUNet` gathers before (then one more before
-    the up path), or None where the UNet is not laid out as that forward assumes."""
-    from diffusers.models.unets.unet_2d_blocks import (CrossAttnDownBlock2D, DownBlock2D,
-                                                       UNetMidBlock2DCrossAttn)
-
-    u = model.unet
-    cfg = u.config
-    if (cfg.class_embed_type is not None or cfg.addition_embed_type is not None or cfg.encoder_hid_dim_type
-            or cfg.center_input_sample or not isinstance(u.mid_block, UNetMidBlock2DCrossAttn)
-            or model.latent_size % 2 ** getattr(u, "num_upsamplers", 0)):
-        return None
-    points = []
-    for i, block in enumerate(u.down_blocks):
-        if type(block) not in (CrossAttnDownBlock2D, DownBlock2D):
-            return None
-        if isinstance(block, CrossAttnDownBlock2D):
-            points += [f"down_blocks.{i}.attentions.{j}." for j in range(len(block.attentions))]
-    points += [f"mid_block.attentions.{j}." for j in range(len(u.mid_block.attentions))]
-    return points
-
-
-def _point_of(path: str, points: list[str]) -> int:
-    """The gather point a value layer's rows come from: its own transformer block's, or for an
-    up-path layer the one before the up path (len(points))."""
-    return next((g for g, q in enumerate(points) if path.startswith(q)), len(points))
-
-
-def _row_ids(sample: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Each sample's (latent, prompt) row, numbered in order of first appearance."""
-    seen: dict[bytes, int] = {}
-    return np.array([seen.setdefault(sample[i].tobytes() + text[i].tobytes(), len(seen))
-                     for i in range(len(sample))], dtype=np.int64)
 
 
 def _version(package: str) -> str | None:
@@ -197,59 +98,32 @@ def supported(model: Model) -> str | None:
 class OrtUNet:
     """Runs the search graph; a batch is cut into one slice per worker thread, each slice run by a
     single-threaded call of one shared session (onnxruntime releases the GIL). With gather points
-    (`_PrefixUNet`), each slice computes the layers its candidates share once per distinct row."""
+    (`prefix.PrefixUNet`), each slice computes the layers its candidates share once per distinct row."""
 
     def __init__(self, path: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int):
         from ..export.onnx import ort_session
 
         self.path = Path(path)
-        self.layers = layers
+        self.layout = PrefixLayout(layers, points)
         self.points = points
-        self.width = sum(w for _, w in layers)
-        self.offsets: dict[str, int] = {}
-        at = 0
-        for p, w in layers:
-            self.offsets[p] = at
-            at += w
-        self.point_of = [_point_of(p, points) for p, _ in layers] if points is not None else []
         self.threads = max(1, threads)
         self.session = ort_session(self.path, threads=1)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def mask(self, sets: list | None, batch: int) -> np.ndarray:
-        """(batch, width) ones, with a 0 for each neuron `sets[i]` deactivates in sample i."""
-        m = np.ones((batch, self.width), dtype=np.float32)
-        for i, s in enumerate(sets or ()):
-            for path, rows in s.items():
-                if rows:
-                    m[i, [self.offsets[path] + r for r in rows]] = 0.0
-        return m
-
     def feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, sets: list | None,
               rows: np.ndarray | None = None) -> dict:
-        """`rows`: `_row_ids` of the samples, where the caller has them already."""
+        """`rows`: `row_ids` of the samples, where the caller has them already."""
         b = len(sample)
-        m = self.mask(sets, b)
+        m = self.layout.mask(sets, b)
         if self.points is None:
             return {"sample": sample, "timestep": np.full((b,), timestep, dtype=np.float32),
                     "encoder_hidden_states": text, "value_mask": m}
-        # Distinct (latent, prompt) rows (`rep`: the first sample of each; `unit`: each sample's),
-        # and the first layer whose masks differ within one of them.
-        _, rep, unit = np.unique(_row_ids(sample, text) if rows is None else rows,
-                                 return_index=True, return_inverse=True)
-        rep_of = rep[unit]
-        cut = len(self.points)
-        for li, (path, w) in enumerate(self.layers):
-            o = self.offsets[path]
-            if not np.array_equal(m[:, o:o + w], m[rep_of, o:o + w]):
-                cut = self.point_of[li]
-                break
+        rep, unit, cut = self.layout.cut(m, row_ids(sample, text) if rows is None else rows)
         u = len(rep)
         f = {"sample": sample[rep], "timestep": np.full((u,), timestep, dtype=np.float32),
              "encoder_hidden_states": text[rep]}
-        for li, (path, w) in enumerate(self.layers):
-            o = self.offsets[path]
-            f[f"mask_{li}"] = m[rep, o:o + w] if self.point_of[li] < cut else m[:, o:o + w]
+        for li, mask in enumerate(self.layout.layer_masks(m, rep, cut)):
+            f[f"mask_{li}"] = mask
         for g in range(len(self.points) + 1):
             f[f"gather_{g}"] = np.arange(u) if g < cut else (unit if g == cut else np.arange(b))
         return f
@@ -263,7 +137,7 @@ class OrtUNet:
             return torch.from_numpy(self.session.run(None, self.feeds(x, t, e, sets))[0])
         # Samples of one (latent, prompt) row next to each other before the batch is cut over the
         # runs: a row cut in two has the layers its candidates share computed in both runs.
-        rows = _row_ids(x, e)
+        rows = row_ids(x, e)
         order = np.argsort(rows, kind="stable")
         parts = [self.feeds(x[c], t, e[c], None if sets is None else [sets[i] for i in c], rows[c])
                  for c in np.array_split(order, n)]
@@ -297,7 +171,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     root = Path(cache_dir) / "onnx-search"
     folder = root / key
     plain = _MaskedUNet(model).eval()
-    wrapper = plain if points is None else _PrefixUNet(model).eval()
+    wrapper = plain if points is None else PrefixUNet(model).eval()
     cfg = model.unet.config
     size = model.latent_size
     width = sum(w for _, w in layers)
@@ -315,7 +189,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         unit = torch.cat([torch.arange(batch), torch.zeros(1, dtype=torch.int64)])
         d = {"sample": x, "timestep": t, "encoder_hidden_states": e}
         for li, (p, w) in enumerate(layers):
-            before = _point_of(p, points) < cut
+            before = point_of(p, points) < cut
             d[f"mask_{li}"] = (torch.rand(batch if before else batch + 1, w, generator=g) > 0.3).float()
         for gi in range(len(points) + 1):
             d[f"gather_{gi}"] = torch.arange(batch) if gi < cut else (unit if gi == cut else torch.arange(batch + 1))
@@ -323,7 +197,9 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
 
     try:
         if points is not None:
-            _same_as_diffusers(wrapper, plain, make_inputs)
+            diff = same_as_diffusers(wrapper, plain, make_inputs(2, 7))
+            if diff is not None:
+                raise NemoError(f"the search graph's UNet forward differs from diffusers' by {diff:.3g}")
 
         def check() -> None:  # at another batch size than the traced one: nothing shape-bound baked in
             check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
@@ -353,18 +229,3 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         if wrapper is not plain:
             wrapper.masks.remove()
     return OrtUNet(folder / "model.onnx", layers, points, threads)
-
-
-@torch.no_grad()
-def _same_as_diffusers(prefix: _PrefixUNet, plain: _MaskedUNet, make_inputs: Callable) -> None:
-    """The block-by-block forward must compute what diffusers' forward computes: checked with
-    identity gathers (no rows shared) on the model itself, before anything is exported."""
-    d = make_inputs(2, 7)
-    n = len(d["sample"])
-    masks = [d[k][:n] for k in d if k.startswith("mask_")]
-    gathers = [torch.arange(n) for k in d if k.startswith("gather_")]
-    got = prefix(d["sample"], d["timestep"], d["encoder_hidden_states"], *masks, *gathers)
-    want = plain(d["sample"], d["timestep"], d["encoder_hidden_states"], torch.cat(masks, dim=1))
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise NemoError(f"the search graph's UNet forward differs from diffusers' by "
-                        f"{float((got - want).abs().max()):.3g}")

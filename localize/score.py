@@ -22,6 +22,7 @@ from .settings import BATCH_SIZE, MsSsim, ScoreSettings
 
 if TYPE_CHECKING:
     from .ort_unet import OrtUNet
+    from .prefix import TorchPrefixUNet
 
 MAX_TOKENS = 77  # CLIP's context
 
@@ -46,10 +47,13 @@ def value_activations(model: Model, emb: torch.Tensor, layers: list[ValueLayer])
 
 
 class Scorer:
-    """`unet`: runs the UNet instead of torch (`ort_unet.OrtUNet`); None runs the model's UNet."""
+    """`unet`: runs the UNet instead of torch (`ort_unet.OrtUNet`); None runs the model's UNet on
+    torch, through `prefix` (`prefix.TorchPrefixUNet`: what candidates share computed once) where
+    given, else as diffusers' forward."""
 
     def __init__(self, model: Model, settings: ScoreSettings, batch_size: int = BATCH_SIZE,
-                 autocast_dtype: torch.dtype | None = None, unet: "OrtUNet | None" = None):
+                 autocast_dtype: torch.dtype | None = None, unet: "OrtUNet | None" = None,
+                 prefix: "TorchPrefixUNet | None" = None):
         from diffusers import DDIMScheduler
 
         self.model = model
@@ -69,6 +73,7 @@ class Scorer:
             torch.randn((c, size, size), generator=torch.Generator().manual_seed(self.settings.seed_base + i))
             for i in range(self.settings.seeds)]) * sched.init_noise_sigma
         self.masks = ValueMasks(model)
+        self.prefix = prefix
         self.sample_passes = 0
         self.truncated_prompts = 0
 
@@ -100,6 +105,10 @@ class Scorer:
             chunk_sets = None if sets is None else list(sets[sl])
             if self.unet is not None:
                 eps = self.unet(x, self.timestep, e, chunk_sets)
+            elif self.prefix is not None:
+                with self._autocast():
+                    dt = self.model.unet.dtype
+                    eps = self.prefix(x.to(dt), self.timestep, e.to(dt), chunk_sets)
             else:
                 with self.masks.active(chunk_sets, self.device), self._autocast():
                     eps = self.model.unet(x.to(self.model.unet.dtype), self.timestep,
@@ -159,5 +168,6 @@ class Scorer:
 
     def close(self) -> None:
         self.masks.remove()
-        if self.unet is not None:
-            self.unet.close()
+        for runner in (self.unet, self.prefix):
+            if runner is not None:
+                runner.close()

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,6 +223,31 @@ def test_batched_engine_takes_the_plain_algorithms_decisions(tiny, criterion):
     engine = dataclasses.replace(engine, search=dataclasses.replace(engine.search, criterion=criterion))
     for prompt in ["official portrait of astronaut eileen collins", "chelsea the tabby cat staring sideways"]:
         assert_plain_decisions(engine, prompt)
+
+
+def test_torch_prefix_agrees_with_diffusers_forward(tiny):
+    """The torch search pass computes what candidates share once per (latent, prompt) row, as the
+    search graph does: same noise differences as diffusers' forward within float noise, and the
+    plain algorithm's decisions."""
+    _, model, engine, _, _ = tiny
+    fast = make_scorer(model, Runtime(backend="torch"), ScoreSettings(seeds=4))
+    exact = torch_scorer(engine)
+    assert fast.settings.backend == "torch" and fast.prefix is not None and exact.prefix is None
+    layers = [v.path for v in model.value_layers]
+    emb = exact.embed(["official portrait of astronaut eileen collins"])
+    common = {layers[1]: frozenset({0, 2})}
+    cands = [{**common, layers[4]: frozenset({k})} for k in range(3)] + [{**common, layers[12]: frozenset({1})}]
+    for sets in (cands * 4, [{}] * 16, [{layers[0]: frozenset({1})}, {}] * 8):
+        lat = exact.latents.repeat_interleave(4, 0)
+        e = emb.expand(16, -1, -1)
+        assert (fast.noise_diff(e, lat, sets) - exact.noise_diff(e, lat, sets)).abs().max() < 1e-4
+    layout = fast.prefix.layout
+    m = layout.mask(cands * 4, 16)
+    rep, unit, cut = layout.cut(m, np.arange(16) // 4)
+    assert len(rep) == 4 and cut == layout.point_of[4]  # the 4 seeds share everything before layer 4
+    torch_engine = dataclasses.replace(force_memorized(engine), scorer=fast)
+    assert_plain_decisions(torch_engine, "official portrait of astronaut eileen collins")
+    fast.close()
 
 
 def test_other_widths_and_latent_size(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -17,6 +17,9 @@ from .localize.runner import Engine
 from .localize.score import Scorer
 from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import Model, load_model, select_layers
+
+if TYPE_CHECKING:
+    from .localize.prefix import TorchPrefixUNet
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -103,7 +106,44 @@ def make_scorer(model: Model, runtime: Runtime, score: ScoreSettings = ScoreSett
             if runtime.backend == "onnxruntime":
                 raise
             log(f"note: {e}; the search runs on torch")
-    return Scorer(model, score, runtime.batch_size, autocast, unet)
+    prefix = None if unet is not None else torch_prefix(model, autocast, log)
+    return Scorer(model, score, runtime.batch_size, autocast, unet, prefix)
+
+
+def torch_prefix(model: Model, autocast: torch.dtype | None,
+                 log: Callable[[str], None] = lambda s: None) -> "TorchPrefixUNet | None":
+    """The torch search pass that computes what candidates share once, where the UNet's layout
+    allows it and its block-by-block forward agrees with diffusers' on this model (checked on two
+    samples), else None: diffusers' own forward."""
+    from .localize.ort_unet import _MaskedUNet
+    from .localize.prefix import TorchPrefixUNet, gather_points, same_as_diffusers
+
+    points = gather_points(model)
+    if points is None:
+        return None
+    runner = TorchPrefixUNet(model, points)
+    plain = _MaskedUNet(model).eval()
+    try:
+        g = torch.Generator().manual_seed(7)
+        cfg, n, dev, dt = model.unet.config, model.latent_size, model.device, model.unet.dtype
+        inputs = {"sample": torch.randn(2, cfg.in_channels, n, n, generator=g).to(dev, dt),
+                  "timestep": torch.tensor([981, 981], device=dev),
+                  "encoder_hidden_states": torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dev, dt)}
+        for li, v in enumerate(model.value_layers):
+            inputs[f"mask_{li}"] = (torch.rand(2, v.out_features, generator=g) > 0.3).float().to(dev)
+        for gi in range(len(points) + 1):
+            inputs[f"gather_{gi}"] = None
+        tol = (1e-4, 1e-5) if autocast is None and dt == torch.float32 else (2e-2, 2e-2)
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            diff = same_as_diffusers(runner.module, plain, inputs, *tol)
+    finally:
+        plain.masks.remove()
+    if diff is not None:
+        runner.close()
+        log(f"note: the block-by-block UNet forward differs from diffusers' on this model by {diff:.3g}; "
+            f"the search runs diffusers' forward")
+        return None
+    return runner
 
 
 def make_engine(model: Model, reference: Path, runtime: Runtime, score: ScoreSettings = ScoreSettings(),

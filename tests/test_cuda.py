@@ -22,7 +22,8 @@ def test_build_on_cuda_fp16(tmp_path):
     cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL), "--corpus",
            str(DEMO / "mem.csv"), "--reference", str(DEMO / "reference.csv"), "--out", str(out),
            "--cache-dir", str(tmp_path / "cache"), "--allow-partial", "--device", "cuda", "--precision", "fp16",
-           "--audit-prompts", "3", "--audit-budgets", "0.2", "--audit-steps", "10", "--audit-controls", "1"]
+           "--audit-prompts", "3", "--audit-budgets", "0.2", "--audit-steps", "10", "--audit-controls", "1",
+           "--sample-steps", "25"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()][1:]

@@ -136,12 +136,14 @@ def torch_prefix(model: Model, autocast: torch.dtype | None,
         tol = (1e-4, 1e-5) if autocast is None and dt == torch.float32 else (2e-2, 2e-2)
         with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
             diff = same_as_diffusers(runner.module, plain, inputs, *tol)
+        why = None if diff is None else f"differs from diffusers' on this model by {diff:.3g}"
+    except (RuntimeError, AttributeError, TypeError, ValueError) as e:  # a block this forward does not know
+        why = f"fails on this model ({type(e).__name__}: {e})"
     finally:
         plain.masks.remove()
-    if diff is not None:
+    if why is not None:
         runner.close()
-        log(f"note: the block-by-block UNet forward differs from diffusers' on this model by {diff:.3g}; "
-            f"the search runs diffusers' forward")
+        log(f"note: the block-by-block UNet forward {why}; the search runs diffusers' forward")
         return None
     return runner
 

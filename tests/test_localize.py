@@ -250,6 +250,24 @@ def test_torch_prefix_agrees_with_diffusers_forward(tiny):
     fast.close()
 
 
+def test_torch_prefix_falls_back_to_diffusers_forward(tiny, monkeypatch):
+    """A UNet the block-by-block forward gets wrong or cannot run is searched with diffusers' own
+    forward, and the log says why."""
+    from nemo_surgery.engine import torch_prefix
+    from nemo_surgery.localize.prefix import PrefixUNet
+
+    _, model, _, _, _ = tiny
+    hooks = len(model.to_v(model.value_layers[0].path)._forward_hooks)
+    for broken, why in ((lambda self, *a: a[0] * 0.5, "differs from diffusers'"),
+                        (lambda self, *a: self.unet.no_such_block, "fails on this model (AttributeError")):
+        monkeypatch.setattr(PrefixUNet, "forward", broken)
+        logs: list[str] = []
+        assert torch_prefix(model, None, logs.append) is None
+        assert len(logs) == 1 and why in logs[0] and "diffusers' forward" in logs[0]
+    # Neither attempt leaves a mask hook behind on the model.
+    assert len(model.to_v(model.value_layers[0].path)._forward_hooks) == hooks
+
+
 def test_other_widths_and_latent_size(tmp_path):
     """An SD 1.x layout of other widths, head size, text width and latent size, as a model trained
     elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a smaller

@@ -74,7 +74,7 @@ def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus > 0 and engine.model.device.type == "cuda"
             n = settings.workers or (gpus if use_gpu else 2)
-            rt = Runtime(device="cuda" if use_gpu else "cpu", precision=_precision(engine),
+            rt = Runtime(device="cuda" if use_gpu else "cpu", precision=engine.scorer.settings.precision,
                          batch_size=engine.scorer.batch_size, allow_pickle=False,
                          model_config=Path(model_config).resolve() if model_config else None,
                          backend=engine.scorer.settings.backend if not use_gpu else "torch")
@@ -108,10 +108,3 @@ def ray_stream(engine: Engine, model_path: Path, settings: RaySettings,
                 ray.shutdown()
 
     return stream
-
-
-def _precision(engine: Engine) -> str:
-    from ..engine import PRECISIONS
-
-    dt = engine.scorer.autocast_dtype
-    return "fp32" if dt is None else next(k for k, v in PRECISIONS.items() if v == dt)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .prefix import TorchPrefixUNet
 
 MAX_TOKENS = 77  # CLIP's context
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_settings(model: Model, settings: ScoreSettings) -> ScoreSettings:
@@ -58,8 +59,10 @@ class Scorer:
 
         self.model = model
         self.unet = unet
+        dtype = autocast_dtype or model.unet.dtype
         self.settings = dataclasses.replace(resolve_settings(model, settings),
-                                            backend="torch" if unet is None else "onnxruntime")
+                                            backend="torch" if unet is None else "onnxruntime",
+                                            precision=next((k for k, v in PRECISIONS.items() if v == dtype), str(dtype)))
         self.batch_size = max(1, batch_size)
         self.autocast_dtype = autocast_dtype
         self.device = model.device

@@ -78,6 +78,10 @@ class ScoreSettings:
     # What ran the UNet: "torch" or "onnxruntime" (CPU). Set by the Scorer from what it was given;
     # recorded because the two agree within float noise, not bit for bit.
     backend: str = "torch"
+    # What the UNet passes computed in ("fp32", "fp16", "bf16"). Set by the Scorer; part of the
+    # calibration's cache key and of a run's settings, so that a calibration made in one precision
+    # is never reused for another and a resumed run never mixes precisions.
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -163,6 +163,12 @@ def test_calibration_statistics_and_cache(tiny):
     assert given.calibration.reference_scores == cal.reference_scores and not cal.theta_mem_given
     kept = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache")
     assert kept.calibration.theta_mem == cal.theta_mem and not kept.calibration.theta_mem_given
+    # Another precision is another calibration: a bf16 one must never stand in for fp32's.
+    logs: list[str] = []
+    half = make_engine(model, ref, Runtime(batch_size=32, precision="bf16", backend="torch"), ScoreSettings(seeds=4),
+                       cache_dir=root / "cache", log=logs.append)
+    assert half.scorer.settings.precision == "bf16" and cal.score_settings["precision"] == "fp32"
+    assert half.calibration.key() != cal.key() and not any("reusing" in m for m in logs)
 
 
 def test_z_scores_follow_the_activations_device(tiny):

@@ -14,14 +14,12 @@ from .corpus import read_corpus
 from .errors import NemoError
 from .localize.calibrate import Calibration, cache_key, calibrate
 from .localize.runner import Engine
-from .localize.score import Scorer
+from .localize.score import PRECISIONS, Scorer
 from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import Model, load_model, select_layers
 
 if TYPE_CHECKING:
     from .localize.prefix import TorchPrefixUNet
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

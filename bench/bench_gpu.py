@@ -27,7 +27,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nemo_surgery.engine import torch_prefix
-from nemo_surgery.localize.score import Scorer
+from nemo_surgery.localize.score import PRECISIONS, Scorer
 from nemo_surgery.localize.settings import ScoreSettings
 from nemo_surgery.model import Model, discover_value_layers, select_layers
 
@@ -77,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
-    ap.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
                     help="default: fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--decisions", type=int, default=48, help="candidate sets to evaluate with each engine")
     ap.add_argument("--batch-size", type=int, default=None, help="UNet samples per pass (default: 160 on "
@@ -88,7 +88,7 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     prec = args.precision or ("fp16" if cuda else "fp32")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[prec]
+    dtype = PRECISIONS[prec]
     batch = args.batch_size or (160 if cuda else 40)
     model = random_model(args.size, args.device, dtype)
     n_params = sum(p.numel() for p in model.unet.parameters())

@@ -147,8 +147,10 @@ def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budgets: Sequence[
 
 
 def random_perturbation(emb: torch.Tensor, budget: float, seed: int) -> torch.Tensor:
+    """Noise of norm budget * ||emb||, drawn on the CPU (the same for a seed on any device) and
+    returned on `emb`'s device and dtype, ready to add to it."""
     d = torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed))
-    return d * (budget * float(emb.float().norm()) / float(d.norm()))
+    return (d * (budget * float(emb.float().norm()) / float(d.norm()))).to(emb)
 
 
 def memorized_targets(original: Model, prompts: list[Prompt], settings: AuditSettings) -> list[Target]:
@@ -219,7 +221,7 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
             embs[name].append((emb + delta.to(emb))[0])
             losses[name].append((round(l0, 6), round(l1, 6)))
     if target.role == "memorized":
-        embs["random"] = [(emb + random_perturbation(emb, b, seed + 1).to(emb))[0] for b in settings.budgets]
+        embs["random"] = [(emb + random_perturbation(emb, b, seed + 1))[0] for b in settings.budgets]
     # One sampling call per model: larger batches are what makes sampling cheap.
     imgs: dict[str, np.ndarray] = {}
     for m, names in ((cleaned, [n for n in ("cleaned", "random") if n in embs]),

@@ -11,11 +11,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 
 from nemo_surgery.corpus import read_corpus
 from nemo_surgery.engine import Runtime, make_engine, make_scorer
 from nemo_surgery.errors import NemoError
 from nemo_surgery.localize.detect import detect
+from nemo_surgery.localize.fused_attention import FusedAttnProcessor, _MultiHeadAttention, fused_attention, fused_nodes
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
 from nemo_surgery.localize.ort_unet import open_ort_unet
 from nemo_surgery.localize.runner import run_corpus
@@ -119,6 +121,9 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     report = json.loads((again.path.parent / "search.json").read_text())
     slim = re.fullmatch(r"onnxslim \S+: (\d+) -> (\d+) nodes", report["simplified"])
     assert slim and int(slim[2]) < int(slim[1])
+    # Every attention ran as one fused onnxruntime node in the results above.
+    attentions = sum(isinstance(m, Attention) for m in model.unet.modules())
+    assert report["fused_attention"] == fused_nodes(again.path) == attentions > 0 and not report["unfused_because"]
     data = again.path.read_bytes()
     again.path.write_bytes(data[: len(data) // 2])
     logs.clear()
@@ -138,6 +143,33 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     assert make_scorer(model, Runtime(backend="torch"), ScoreSettings(seeds=4)).settings.backend == "torch"
     with pytest.raises(NemoError, match="backend"):
         make_scorer(model, Runtime(backend="tpu"))
+
+
+def test_fused_attention_traces_as_diffusers_and_falls_back(tiny, tmp_path, monkeypatch):
+    root, model, engine, _, _ = tiny
+    unet = model.unet
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, model.latent_size, model.latent_size, generator=g)
+    e = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    before = {n: type(p) for n, p in unet.attn_processors.items()}
+    with torch.no_grad():
+        want = unet(x, 981, encoder_hidden_states=e).sample
+        with fused_attention(unet) as n:
+            assert n == len(before) and all(type(p) is FusedAttnProcessor for p in unet.attn_processors.values())
+            got = unet(x, 981, encoder_hidden_states=e).sample
+    assert torch.equal(got, want)  # what the tracer sees is diffusers' attention, op for op
+    assert {n: type(p) for n, p in unet.attn_processors.items()} == before
+    # A graph whose fused nodes onnxruntime cannot run is exported again unfused, and says why.
+    monkeypatch.setattr(_MultiHeadAttention, "symbolic",
+                        staticmethod(lambda g, q, k, v, heads: g.op("com.microsoft::NoSuchAttention", q, k, v)))
+    logs: list[str] = []
+    runner = open_ort_unet(model, tmp_path / "cache", log=logs.append)
+    report = json.loads((runner.path.parent / "search.json").read_text())
+    assert report["fused_attention"] == fused_nodes(runner.path) == 0
+    assert "NoSuchAttention" in report["unfused_because"]
+    assert any(m.startswith("onnxruntime: fused attention left out") for m in logs)
+    feeds = runner.feeds(x.numpy(), 981.0, e.numpy(), None)
+    assert np.abs(runner.session.run(None, feeds)[0] - want.numpy()).max() < 1e-4
 
 
 def test_calibration_statistics_and_cache(tiny):

@@ -28,11 +28,12 @@ class PrefixUNet(nn.Module):
     after); `gather_g` the rows to take before gather point g. Run eagerly, a gather may be None:
     the identity, without copying."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, points: list[str]):
         super().__init__()
         self.unet = model.unet
         self.masks = ValueMasks(model)
         self.paths = [v.path for v in model.value_layers]
+        self.points = points  # `gather_points(model)`: the forward gathers before each, then before the up path
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *rest: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +170,7 @@ class TorchPrefixUNet:
     prompt) row; called as the Scorer calls a UNet (inputs on the model's device, in its dtype)."""
 
     def __init__(self, model: Model, points: list[str]):
-        self.module = PrefixUNet(model).eval()
+        self.module = PrefixUNet(model, points).eval()
         self.layout = PrefixLayout([(v.path, v.out_features) for v in model.value_layers], points)
         self.device = model.device
 
@@ -198,10 +199,11 @@ def same_as_diffusers(prefix: PrefixUNet, forward, inputs: dict[str, torch.Tenso
                       atol: float = 1e-5) -> float | None:
     """The block-by-block forward against diffusers' (`forward(sample, timestep, text,
     masks)`), with every gather the identity: the largest difference where they disagree beyond
-    the tolerance, else None."""
+    the tolerance, else None. `inputs`: sample, timestep, encoder_hidden_states and mask_0, ...
+    (other keys are ignored)."""
     n = len(inputs["sample"])
     masks = [inputs[k][:n] for k in inputs if k.startswith("mask_")]
-    gathers = [torch.arange(n, device=inputs["sample"].device) for k in inputs if k.startswith("gather_")]
+    gathers = [torch.arange(n, device=inputs["sample"].device)] * (len(prefix.points) + 1)
     got = prefix(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], *masks, *gathers)
     want = forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], torch.cat(masks, dim=1))
     if torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol):

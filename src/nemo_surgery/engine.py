@@ -129,8 +129,6 @@ def torch_prefix(model: Model, autocast: torch.dtype | None,
                   "encoder_hidden_states": torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(dev, dt)}
         for li, v in enumerate(model.value_layers):
             inputs[f"mask_{li}"] = (torch.rand(2, v.out_features, generator=g) > 0.3).float().to(dev)
-        for gi in range(len(points) + 1):
-            inputs[f"gather_{gi}"] = None
         tol = (1e-4, 1e-5) if autocast is None and dt == torch.float32 else (2e-2, 2e-2)
         with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
             diff = same_as_diffusers(runner.module, plain, inputs, *tol)

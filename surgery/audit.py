@@ -93,7 +93,8 @@ def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budgets: Sequence[
     """L2 projected gradient descent on delta, one independent run per budget, all budgets in the
     same UNet passes (a budget's loss depends only on its own delta, so the gradient of the sum is
     each run's own gradient). Per budget: (delta, loss at delta = 0, loss at the end), the losses
-    averaged over the same fixed draws of timesteps and noises."""
+    averaged over the same fixed draws of timesteps and noises; delta on `emb`'s device and in its
+    dtype, ready to add to it."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(model.scheduler_config)
@@ -106,7 +107,7 @@ def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budgets: Sequence[
     norm = float(emb.float().norm())
     radius = torch.tensor([b * norm for b in budgets], device=dev)
     alpha = 2.5 * radius / max(1, steps)  # lets PGD cross the ball in under half the steps
-    emb = emb.detach().to(dev, torch.float32)
+    like, emb = emb, emb.detach().to(dev, torch.float32)  # PGD runs in fp32; deltas return as `like`
     z0 = z0.detach().to(dev, torch.float32)
     eval_ts, eval_noise = ts[:2].reshape(-1), noises[:2].reshape(-1, *z0.shape[1:])
 
@@ -143,7 +144,7 @@ def attack(model: Model, emb: torch.Tensor, z0: torch.Tensor, budgets: Sequence[
     finally:
         for p, r in zip(unet.parameters(), req):
             p.requires_grad_(r)
-    return [(delta[i:i + 1].cpu(), start, end[i]) for i in range(nb)]
+    return [(delta[i:i + 1].to(like), start, end[i]) for i in range(nb)]
 
 
 def random_perturbation(emb: torch.Tensor, budget: float, seed: int) -> torch.Tensor:
@@ -218,7 +219,7 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
     losses: dict[str, list] = {m: [] for m in models}
     for name, m in models.items():
         for delta, l0, l1 in attack(m, emb, z0, settings.budgets, settings, seed):
-            embs[name].append((emb + delta.to(emb))[0])
+            embs[name].append((emb + delta)[0])
             losses[name].append((round(l0, 6), round(l1, 6)))
     if target.role == "memorized":
         embs["random"] = [(emb + random_perturbation(emb, b, seed + 1))[0] for b in settings.budgets]

@@ -59,6 +59,10 @@ def test_attack_stays_within_budget_lowers_loss_and_is_deterministic(models) -> 
     assert torch.equal(again, same)
     [(other_seed, _, _)] = attack(cleaned, emb, z0, (0.3,), s, seed=8)
     assert not torch.allclose(again, other_seed)
+    # Deltas come back ready to add: on the embedding's device and in its dtype.
+    half = emb.to(torch.bfloat16)
+    [(d16, _, _)] = attack(cleaned, half, z0, (0.3,), dataclasses.replace(s, steps=2), seed=7)
+    assert d16.dtype == half.dtype and d16.device == half.device and d16.shape == half.shape
     r = random_perturbation(emb, 0.2, seed=1)
     assert abs(float(r.norm()) - 0.2 * float(emb.norm())) < 1e-3 * float(emb.norm())
 

@@ -18,6 +18,7 @@ nodes is exported unfused (`ort_unet`).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -90,7 +91,7 @@ def fused_attention(module: nn.Module) -> Iterator[int]:
             m.processor = old
 
 
-def fused_nodes(path) -> int:
+def fused_nodes(path: Path) -> int:
     """How many fused attention nodes the graph at `path` holds."""
     import onnx
 

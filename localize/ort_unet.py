@@ -16,10 +16,9 @@ of a dynamic batch. Its attention runs as onnxruntime's fused CPU kernel (`fused
 unfused, a pass materializes every score matrix of the batch (32 px latents: x1.6 slower a
 sample and 4x the memory; 64 px: x5.3 and 13 GB for 32 samples). It is exported once per model
 (keyed by a hash of every UNet weight, not only the value layers), cached, and checked against
-torch whenever it is opened. Its results
-agree with torch within float noise, not bit for bit: decisions that close to a threshold are
-reported as such by the search, and verification's bit-exact comparison of masks against zeroed
-rows stays on torch.
+torch whenever it is opened. Its results agree with torch within float noise, not bit for bit:
+decisions that close to a threshold are reported as such by the search, and verification's
+bit-exact comparison of masks against zeroed rows stays on torch.
 """
 
 from __future__ import annotations

@@ -168,8 +168,11 @@ def test_fused_attention_traces_as_diffusers_and_falls_back(tiny, tmp_path, monk
     assert report["fused_attention"] == fused_nodes(runner.path) == 0
     assert "NoSuchAttention" in report["unfused_because"]
     assert any(m.startswith("onnxruntime: fused attention left out") for m in logs)
-    feeds = runner.feeds(x.numpy(), 981.0, e.numpy(), None)
-    assert np.abs(runner.session.run(None, feeds)[0] - want.numpy()).max() < 1e-4
+    try:
+        feeds = runner.feeds(x.numpy(), 981.0, e.numpy(), None)
+        assert np.abs(runner.session.run(None, feeds)[0] - want.numpy()).max() < 1e-4
+    finally:
+        runner.close()
 
 
 def test_calibration_statistics_and_cache(tiny):

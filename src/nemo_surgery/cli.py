@@ -121,9 +121,18 @@ def search_options(f: Callable) -> Callable:
                           "noise difference with and without the set (NEMO.md); 'consistency' requires the "
                           "prompt's memorization score with the set blocked to fall below theta_mem."),
     ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, layers: str, theta_act: float, theta_act_step: float, theta_act_min: float,
+                top_k_start: int, top_k_step: int, criterion: str, **kwargs: Any) -> Any:
+        from .localize.settings import SearchSettings
+
+        return f(*args, search=SearchSettings(theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step,
+                                              layers, criterion), **kwargs)
+
     for o in reversed(opts):
-        f = o(f)
-    return f
+        wrapper = o(wrapper)
+    return wrapper
 
 
 def ray_options(f: Callable) -> Callable:
@@ -242,16 +251,15 @@ def cli() -> None:
     _quiet_libraries()
 
 
-def _engine(model, reference, runtime, seeds, timestep_index,
-            calibration_prompts, cache_dir, theta_mem=None, layers="official", theta_act=5.0, theta_act_step=0.25,
-            theta_act_min=1.0, top_k_start=0, top_k_step=1, criterion="published"):
+def _engine(model, reference, runtime, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem=None,
+            search=None):
     from .engine import make_engine, open_model
     from .localize.settings import ScoreSettings, SearchSettings
 
     m = open_model(model, runtime)
     log(f"model: {model} ({len(m.value_layers)} value layers, fingerprint {m.fingerprint[:12]})")
     score = ScoreSettings(seeds=seeds, timestep_index=timestep_index)
-    search = SearchSettings(theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, layers, criterion)
+    search = search or SearchSettings()
     return make_engine(m, reference, runtime, score, search, cache_dir, calibration_prompts, log, theta_mem)
 
 
@@ -303,15 +311,14 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
 @corpus_run_options
 @handle_errors
 def localize(model, corpus, out, restart, allow_outside_images, ray_address, workers, reference, seeds,
-             timestep_index, calibration_prompts, cache_dir, theta_mem, layers, theta_act, theta_act_step,
-             theta_act_min, top_k_start, top_k_step, criterion, runtime):
+             timestep_index, calibration_prompts, cache_dir, theta_mem, search, runtime):
     """Per-prompt NeMo search: initial selection and refinement; one JSONL record per prompt."""
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, runtime, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem,
-                  layers, theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, criterion)
+                  search)
     recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log,
                       worker=_ray_worker(eng, model, ray_address, workers, cache_dir))
     summarize_localization(recs)
@@ -346,8 +353,7 @@ def summarize_localization(recs: list[dict]) -> None:
 @runtime_options
 @handle_errors
 def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_outside_images, reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, theta_mem, layers, theta_act, theta_act_step, theta_act_min, top_k_start,
-          top_k_step, criterion, runtime):
+          calibration_prompts, cache_dir, theta_mem, search, runtime):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
     from .localize.merge import MergeSettings, make_plan
@@ -357,7 +363,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
     if not Path(results).is_file():  # before calibrating, which can take minutes
         raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
     eng = _engine(model, reference, runtime, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem,
-                  layers, theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, criterion)
+                  search)
     done = open_results(results, make_header(eng.config(c, "localize")), restart=False)
     recs = [done[p.id] for p in c.prompts if p.id in done]
     if len(recs) < len(c.prompts):
@@ -526,13 +532,12 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
           audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
           allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, theta_mem, layers, theta_act, theta_act_step, theta_act_min, top_k_start,
-          top_k_step, criterion, runtime):
+          calibration_prompts, cache_dir, theta_mem, search, runtime):
     """Calibrate, detect, localize, merge, apply, verify and export: one resumable command."""
     from .build import BuildOptions, build as run_build
     from .generation import GenSettings
     from .localize.merge import MergeSettings
-    from .localize.settings import ScoreSettings, SearchSettings
+    from .localize.settings import ScoreSettings
     from .surgery.harden import HardenSettings
 
     if harden and not audit:
@@ -541,7 +546,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         model=model, corpus=corpus, reference=reference, out=out,
         runtime=dataclasses.replace(runtime, model_config=model_config),
         score=ScoreSettings(seeds=seeds, timestep_index=timestep_index),
-        search=SearchSettings(theta_act, theta_act_step, theta_act_min, top_k_start, top_k_step, layers, criterion),
+        search=search,
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
         theta_mem=theta_mem,
         cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,

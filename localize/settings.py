@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import NemoError
+
 # Memorization score (paper, Sec. 3 "Detecting memorized prompts")
 SEEDS = 10  # initial latents per prompt
 INFERENCE_STEPS = 50  # DDIM schedule length the noise difference is taken from
@@ -101,6 +103,16 @@ class SearchSettings:
     # memorized seed (NEMO.md). "consistency": when the prompt's memorization score with the set
     # blocked is < theta_mem, the statistic theta_mem is calibrated on (see docs/method.md).
     criterion: str = "published"
+
+    def __post_init__(self) -> None:
+        # The initial selection ends when theta_act reaches its floor or k a layer's width: with
+        # neither moving it would never end.
+        if not self.theta_act_step >= 0 or self.top_k_step < 0:
+            raise NemoError(f"search settings: theta_act_step ({self.theta_act_step}) and top_k_step "
+                            f"({self.top_k_step}) must not be negative")
+        if self.theta_act_step == 0 and self.top_k_step == 0:
+            raise NemoError("search settings: theta_act_step and top_k_step are both 0, so the initial selection "
+                            "would never end")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

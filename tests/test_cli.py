@@ -158,6 +158,11 @@ def test_bad_flags_end_in_one_line():
     assert_clean_error(run("no-such-command"), "No such command")
     assert_clean_error(run("build", "--model", "m", "--corpus", "c", "--reference", "r", "--out", "o", "--no-audit",
                            "--harden"), "--harden needs the audit")
+    # Neither theta_act nor k would move: the initial selection would never end.
+    assert_clean_error(run("localize", "--model", "m", "--corpus", "c", "--reference", "r", "--theta-act-step", "0",
+                           "--top-k-step", "0"), "both 0")
+    assert_clean_error(run("merge", "--model", "m", "--corpus", "c", "--reference", "r", "--theta-act-step", "-1"),
+                       "must not be negative")
 
 
 def test_audit_refuses_a_model_that_is_not_a_cleaned_copy(tmp_path, tiny_model):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +21,14 @@ import torch
 
 from ..corpus import Corpus
 from ..errors import NemoError
+from ..files import canonical_json, sha256_bytes, write_json_atomic
 from ..plan import Plan
-from .runner import Engine
+from .runner import Engine, records_digest
 from .search import Checker, Criterion, Neurons, Unit, _sorted, count
+
+JOURNAL_FORMAT = "nemo-surgery-prune"
+JOURNAL_EVERY = 10.0  # seconds between journal writes: a pass can take less than an fsync on a small model
+PROGRESS_EVERY = 30.0  # seconds between progress lines of the neuron walk
 
 
 @dataclass(frozen=True)
@@ -105,39 +111,121 @@ def blocked_scores(engine: Engine, prompts: list[PromptUnits], neurons: Neurons)
     return {p.id: v for p, v in zip(prompts, vals)}
 
 
+class PruneJournal:
+    """Where a corpus pruning stands, so that an interrupted merge resumes there instead of
+    starting over: on a corpus of hundreds of prompts the pruning walk is the longest part of a
+    merge. Keyed by everything its decisions depend on; written atomically after passes that
+    decided something (at most every JOURNAL_EVERY seconds, and at the end of each stage)."""
+
+    def __init__(self, path: Path | None, key: str, log: Callable[[str], None] = lambda s: None):
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.log = log
+        self.written = 0.0
+
+    def load(self) -> dict | None:
+        """The saved state for this key: {"stage": "layers" | "neurons", "start": set the stage
+        began with, "decided": items of the stage decided, "current": the set they left}."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            j = json.loads(self.path.read_text(encoding="utf-8"))
+            if j.get("format") != JOURNAL_FORMAT or j.get("key") != self.key:
+                self.log(f"pruning: {self.path} is from other inputs or settings; starting over")
+                return None
+            return {"stage": j["stage"], "decided": int(j["decided"]),
+                    "start": _frozen(j["start"]), "current": _frozen(j["current"])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.log(f"pruning: {self.path} is unreadable; starting over")
+            return None
+
+    def save(self, stage: str, start: Neurons, decided: int, current: Neurons, force: bool = False) -> None:
+        if self.path is None or not (force or time.monotonic() - self.written >= JOURNAL_EVERY):
+            return
+        write_json_atomic(self.path, {"format": JOURNAL_FORMAT, "key": self.key, "stage": stage,
+                                      "decided": decided, "start": _sorted(start), "current": _sorted(current)})
+        self.written = time.monotonic()
+
+    def clear(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _frozen(d: dict) -> Neurons:
+    return {str(k): frozenset(int(n) for n in v) for k, v in d.items() if v}
+
+
 def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: dict[str, dict[int, int]],
-          before: dict[str, float], log: Callable[[str], None] = lambda s: None) -> Neurons:
+          before: dict[str, float], log: Callable[[str], None] = lambda s: None,
+          journal: PruneJournal | None = None) -> Neurons:
     """Re-activate layers, then neurons (least needed first), wherever every prompt stays at
-    least as mitigated as with `neurons` blocked: below theta_mem if it was, else no worse."""
+    least as mitigated as with `neurons` blocked: below theta_mem if it was, else no worse.
+    `journal`: where the walk is saved as it goes, and resumed from."""
     if not prompts:
         return neurons
+    journal = journal or PruneJournal(None, "")
     theta = engine.calibration.theta_mem
     bars = {p.id: theta if before[p.id] < theta else before[p.id] + 1e-9 for p in prompts}
     checker = _corpus_checker(engine, prompts, bars, early_exit=True)
     crit = Criterion(0.0)
     order = [v.path for v in reversed(engine.layers)]
     rank = {p: i for i, p in enumerate(order)}
-    layers = [("layer", p, None) for p in order if neurons.get(p)]
-    current = checker.walk(crit, neurons, layers)
-    log(f"pruning: layers {count(neurons)} -> {count(current)} neurons")
-    items = sorted((("neuron", p, n) for p, rows in current.items() for n in rows),
+    state = journal.load()
+    if state is None or state["stage"] == "layers":
+        done, current = (state["decided"], state["current"]) if state else (0, neurons)
+        if state:
+            log(f"pruning: resuming the layers at {done} decided ({journal.path})")
+        layers = [("layer", p, None) for p in order if neurons.get(p)]
+        current = checker.walk(crit, current, layers[done:],
+                               progress=lambda i, cur: journal.save("layers", neurons, done + i, cur))
+        log(f"pruning: layers {count(neurons)} -> {count(current)} neurons")
+        start, done = current, 0
+        journal.save("neurons", start, 0, current, force=True)
+    else:
+        start, done, current = state["start"], state["decided"], state["current"]
+        log(f"pruning: resuming the neurons at {done} of {count(start)} decided ({journal.path})")
+    items = sorted((("neuron", p, n) for p, rows in start.items() for n in rows),
                    key=lambda it: (counts.get(it[1], {}).get(it[2], 0), rank.get(it[1], 0), it[2]))
-    current = checker.walk(crit, current, items)
+    t0 = last = time.monotonic()
+
+    def progress(i: int, cur: Neurons) -> None:
+        nonlocal last
+        journal.save("neurons", start, done + i, cur)
+        if time.monotonic() - last >= PROGRESS_EVERY:
+            last = time.monotonic()
+            log(f"pruning: {done + i} of {len(items)} neurons decided, {count(start) - count(cur)} re-activated "
+                f"({last - t0:.0f} s)")
+
+    current = checker.walk(crit, current, items[done:], progress=progress)
     log(f"pruning: neurons -> {count(current)} neurons ({checker.checks} checks)")
     return current
 
 
 def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings = MergeSettings(),
               log: Callable[[str], None] = lambda s: None,
-              embeddings: dict[str, torch.Tensor] | None = None) -> Plan:
-    """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening)."""
+              embeddings: dict[str, torch.Tensor] | None = None, journal: Path | None = None) -> Plan:
+    """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening).
+    `journal`: a file the pruning is saved to as it goes and resumed from (removed once the plan
+    is made); None: not saved."""
     with engine.scorer.beside_ort():
-        return _make_plan(engine, corpus, records, settings, log, embeddings)
+        return _make_plan(engine, corpus, records, settings, log, embeddings, journal)
+
+
+def journal_key(engine: Engine, records: list[dict], settings: MergeSettings,
+                embeddings: dict[str, torch.Tensor] | None) -> str:
+    """Everything a pruning's decisions depend on."""
+    return sha256_bytes(canonical_json({
+        "records": records_digest(records), "embeddings": sorted(embeddings or {}), "merge": asdict(settings),
+        "search": engine.search.to_dict(), "score": engine.scorer.settings.to_dict(),
+        "theta_mem": engine.calibration.theta_mem, "model": engine.model.fingerprint,
+        "layers": [v.path for v in engine.layers]}).encode())
 
 
 def _make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings,
-               log: Callable[[str], None], embeddings: dict[str, torch.Tensor] | None) -> Plan:
+               log: Callable[[str], None], embeddings: dict[str, torch.Tensor] | None,
+               journal_path: Path | None) -> Plan:
     t0 = time.perf_counter()
+    journal = PruneJournal(journal_path, journal_key(engine, records, settings, embeddings), log)
     merged, counts = union(records, settings.min_prompts, settings.max_neurons)
     prompts = memorized_units(engine, records, embeddings)
     theta = engine.calibration.theta_mem
@@ -147,8 +235,9 @@ def _make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Me
         f"{sum(s < theta for s in before.values())}/{len(before)} memorized prompts")
     final, after = merged, before
     if settings.prune and merged:
-        final = prune(engine, prompts, merged, counts, before, log)
+        final = prune(engine, prompts, merged, counts, before, log, journal)
         after = blocked_scores(engine, prompts, final)
+    journal.clear()
     still = sorted(pid for pid, s in after.items() if s >= theta)
     share = sum(s < theta for s in after.values()) / max(1, len(after))
     check = {

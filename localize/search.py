@@ -214,8 +214,12 @@ class Checker:
         return min(self.max_candidates(), max(1, getattr(self.scorer.unet, "threads", 1)))
 
     def walk(self, crit: Criterion, current: Neurons, items: list[tuple[str, str, int | None]],
-             batched: bool = True, note: Callable[[str, str, float, Criterion], None] | None = None) -> Neurons:
+             batched: bool = True, note: Callable[[str, str, float, Criterion], None] | None = None,
+             progress: Callable[[int, Neurons], None] | None = None) -> Neurons:
         """For each item in order: re-activate it; if memorization stays mitigated, drop it.
+        `progress(decided, current)` after each pass that decided items: how many of `items` are
+        decided, and the set they leave (a walk restarted there with `items[decided:]` takes the
+        same decisions).
 
         Pipelined, staged speculation, so that a decision costs about one UNet pass and a failing
         check few samples. A candidate's groups are scored in stages (`STAGE_GROWTH`), the most
@@ -261,7 +265,7 @@ class Checker:
                     line, all_right = line[:n + 1], False
                     break
             # Decide from the front, as far as outcomes are final.
-            flight = []
+            flight, decided = [], i
             for e in line:
                 if flight or not (e.failed or e.done == n_groups):
                     flight.append(e)
@@ -273,6 +277,8 @@ class Checker:
                     current = e.cand
                 i += 1
                 predict = not e.failed
+            if progress and i > decided:
+                progress(i, current)
             chunk = min(chunk * 2, self.max_candidates()) if all_right else max(floor, chunk // 2)
         return current
 

@@ -188,4 +188,5 @@ def _merged_plan(engine: Engine, corpus, records: list[dict], merge: MergeSettin
     embeddings are the same (a resumed build)."""
     key = sha256_bytes(canonical_json([records_digest(records), sorted(embeddings)]).encode())
     return cached_plan(path, "harden_digest", key, merge,
-                       lambda: make_plan(engine, corpus, records, merge, log, embeddings))
+                       lambda: make_plan(engine, corpus, records, merge, log, embeddings,
+                                         journal=path.with_name(path.stem + ".prune.json")))

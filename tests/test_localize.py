@@ -383,3 +383,46 @@ def test_make_plan_checks_and_prunes(tiny, tmp_path):
     again = type(plan).load(tmp_path / "plan.json")
     assert again.layers == plan.layers
     again.check_against(model.shapes, fingerprint=model.fingerprint)
+
+
+def test_pruning_resumes_from_its_journal(tiny, tmp_path, monkeypatch):
+    """A pruning interrupted in its neuron walk restarts where its journal says and ends in the
+    plan an uninterrupted merge makes; a journal of other inputs, or a damaged one, is not trusted."""
+    from nemo_surgery.localize import merge as merge_mod
+    from nemo_surgery.localize.search import count
+
+    _, _, engine, _, corpus_path = tiny
+    force_memorized(engine)
+    corpus = read_corpus(corpus_path)
+    recs = run_corpus(engine, corpus, tmp_path / "r.jsonl")
+    # Nothing is mitigated at the forced theta_mem, so nothing could be pruned: a bar halfway
+    # between the union's scores and 1 leaves the walk something to re-activate.
+    worst = max(make_plan(engine, corpus, recs, MergeSettings()).check["blocked_scores"].values())
+    monkeypatch.setattr(engine, "calibration", dataclasses.replace(engine.calibration, theta_mem=(worst + 1) / 2))
+    whole = make_plan(engine, corpus, recs, MergeSettings())
+    assert whole.n_neurons < whole.check["union_neurons"]
+    journal = tmp_path / "plan.json.prune.json"
+    monkeypatch.setattr(merge_mod, "JOURNAL_EVERY", 0.0)
+    save = merge_mod.PruneJournal.save
+
+    def interrupted(self, stage, start, decided, current, force=False):
+        save(self, stage, start, decided, current, force)
+        if stage == "neurons" and count(current) < count(start):  # after the first re-activation
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_mod.PruneJournal, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_plan(engine, corpus, recs, MergeSettings(), journal=journal)
+    saved = json.loads(journal.read_text())
+    assert saved["stage"] == "neurons" and saved["decided"] > 0 and saved["current"] != saved["start"]
+    monkeypatch.setattr(merge_mod.PruneJournal, "save", save)
+    logs: list[str] = []
+    resumed = make_plan(engine, corpus, recs, MergeSettings(), logs.append, journal=journal)
+    assert any(f"resuming the neurons at {saved['decided']} of" in line for line in logs), logs
+    assert resumed.layers == whole.layers and resumed.check["mitigated_share"] == whole.check["mitigated_share"]
+    assert not journal.exists()  # the plan is made: nothing left to resume
+    for text, why in ((json.dumps({**saved, "key": "other"}), "from other inputs"), ("{not json", "unreadable")):
+        journal.write_text(text)
+        logs = []
+        assert make_plan(engine, corpus, recs, MergeSettings(), logs.append, journal=journal).layers == whole.layers
+        assert any(why in line for line in logs) and not any("resuming" in line for line in logs)

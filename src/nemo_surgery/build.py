@@ -124,7 +124,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
           f"{sum(r.get('mitigated', False) for r in mem)} mitigated by their own set")
 
     plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
-                       lambda: make_plan(engine, corpus, records, opts.merge, log))
+                       lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json"))
     ch = plan.check
     stage("merge", f"{ch['union_neurons']} neurons in the union -> {plan.n_neurons} in the plan; "
           f"mitigates {ch['mitigated_share']:.0%} of memorized prompts")

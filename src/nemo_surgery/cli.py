@@ -369,7 +369,9 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
     if len(recs) < len(c.prompts):
         raise NemoError(f"{results}: only {len(recs)} of {len(c.prompts)} prompts localized; "
                         f"run 'nemo-surgery localize' again to finish")
-    plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log)
+    # An interrupted pruning resumes from its journal beside the plan.
+    plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log,
+                     journal=out.with_name(out.name + ".prune.json"))
     plan.save(out)
     ch = plan.check
     log(f"plan: {ch['union_neurons']} neurons in the union (mitigates {ch['union_mitigated_share']:.0%}), "

@@ -24,7 +24,7 @@ from ..errors import NemoError
 from ..files import canonical_json, sha256_bytes, write_json_atomic
 from ..plan import Plan
 from .runner import Engine, records_digest
-from .search import Checker, Criterion, Neurons, Unit, _sorted, count
+from .search import Checker, Criterion, Neurons, Unit, _freeze, _sorted, count
 
 JOURNAL_FORMAT = "nemo-surgery-prune"
 JOURNAL_EVERY = 10.0  # seconds between journal writes: a pass can take less than an fsync on a small model
@@ -134,7 +134,7 @@ class PruneJournal:
                 self.log(f"pruning: {self.path} is from other inputs or settings; starting over")
                 return None
             return {"stage": j["stage"], "decided": int(j["decided"]),
-                    "start": _frozen(j["start"]), "current": _frozen(j["current"])}
+                    "start": _freeze(j["start"]), "current": _freeze(j["current"])}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.log(f"pruning: {self.path} is unreadable; starting over")
             return None
@@ -149,10 +149,6 @@ class PruneJournal:
     def clear(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-
-
-def _frozen(d: dict) -> Neurons:
-    return {str(k): frozenset(int(n) for n in v) for k, v in d.items() if v}
 
 
 def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: dict[str, dict[int, int]],
@@ -225,7 +221,8 @@ def _make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Me
                log: Callable[[str], None], embeddings: dict[str, torch.Tensor] | None,
                journal_path: Path | None) -> Plan:
     t0 = time.perf_counter()
-    journal = PruneJournal(journal_path, journal_key(engine, records, settings, embeddings), log)
+    key = journal_key(engine, records, settings, embeddings) if journal_path else ""
+    journal = PruneJournal(journal_path, key, log)
     merged, counts = union(records, settings.min_prompts, settings.max_neurons)
     prompts = memorized_units(engine, records, embeddings)
     theta = engine.calibration.theta_mem
@@ -285,6 +282,6 @@ def cached_plan(path: Path, digest_key: str, digest: str, settings: MergeSetting
 
 
 def as_neurons(plan: Plan) -> Neurons:
-    return {k: frozenset(v) for k, v in plan.layers.items() if v}
+    return _freeze(plan.layers)
 
 

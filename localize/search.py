@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -43,7 +43,7 @@ Neurons = dict[str, frozenset[int]]
 STAGE_GROWTH = 2
 
 
-def _freeze(d: dict[str, set[int] | frozenset[int]]) -> Neurons:
+def _freeze(d: dict[str, Iterable[int]]) -> Neurons:
     return {k: frozenset(v) for k, v in d.items() if v}
 
 

@@ -11,11 +11,12 @@ import contextlib
 import dataclasses
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _msssim
 
+from ..errors import NemoError
 from ..model import Model, ValueLayer
 from .masks import NeuronSet, ValueMasks
 from .settings import BATCH_SIZE, MsSsim, ScoreSettings
@@ -47,6 +48,21 @@ def value_activations(model: Model, emb: torch.Tensor, layers: list[ValueLayer])
     return out
 
 
+def _eps_from(prediction: str, alpha_prod: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_hat(output, x_t) for a UNet predicting `prediction` at a timestep with cumulative alpha
+    `alpha_prod` (x_t = sqrt(a) x_0 + sqrt(1 - a) eps). NeMo's noise difference is defined on
+    eps_hat; taken on an SD 2.x v-prediction model's raw output instead, x_T would dominate it and
+    hide the seed-independent image a memorized prompt predicts."""
+    a, s = alpha_prod ** 0.5, (1.0 - alpha_prod) ** 0.5
+    if prediction == "epsilon":
+        return lambda out, x: out
+    if prediction == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x_0
+        return lambda out, x: a * out + s * x
+    if prediction == "sample":
+        return lambda out, x: (x - a * out) / s
+    raise NemoError(f"scheduler prediction_type {prediction!r}: expected epsilon, v_prediction or sample")
+
+
 class Scorer:
     """`unet`: runs the UNet instead of torch (`ort_unet.OrtUNet`); None runs the model's UNet on
     torch, through `prefix` (`prefix.TorchPrefixUNet`: what candidates share computed once) where
@@ -60,15 +76,18 @@ class Scorer:
         self.model = model
         self.unet = unet
         dtype = autocast_dtype or model.unet.dtype
+        sched = DDIMScheduler.from_config(model.scheduler_config)
+        sched.set_timesteps(settings.inference_steps)
+        self.timestep = sched.timesteps[settings.timestep_index]
+        prediction = sched.config.prediction_type
+        self._to_eps = _eps_from(prediction, float(sched.alphas_cumprod[int(self.timestep)]))
         self.settings = dataclasses.replace(resolve_settings(model, settings),
                                             backend="torch" if unet is None else "onnxruntime",
-                                            precision=next((k for k, v in PRECISIONS.items() if v == dtype), str(dtype)))
+                                            precision=next((k for k, v in PRECISIONS.items() if v == dtype), str(dtype)),
+                                            timestep=int(self.timestep), prediction_type=prediction)
         self.batch_size = max(1, batch_size)
         self.autocast_dtype = autocast_dtype
         self.device = model.device
-        sched = DDIMScheduler.from_config(model.scheduler_config)
-        sched.set_timesteps(self.settings.inference_steps)
-        self.timestep = sched.timesteps[self.settings.timestep_index]
         c = model.unet.config.in_channels
         size = model.latent_size
         # Initial latents come from a CPU generator so a seed means the same x_T on any device.
@@ -98,7 +117,8 @@ class Scorer:
     @torch.no_grad()
     def noise_diff(self, emb: torch.Tensor, latents: torch.Tensor,
                    sets: list[NeuronSet] | None = None) -> torch.Tensor:
-        """d = eps_hat(x_T, t, prompt) - x_T per sample, each channel min-max scaled to [0, 1].
+        """d = eps_hat(x_T, t, prompt) - x_T per sample, each channel min-max scaled to [0, 1]
+        (eps_hat derived from the UNet's output where it predicts v or the clean sample).
         `sets[i]` are the neurons deactivated for sample i (None: nothing blocked)."""
         outs = []
         for start in range(0, len(latents), self.batch_size):
@@ -117,7 +137,7 @@ class Scorer:
                     eps = self.model.unet(x.to(self.model.unet.dtype), self.timestep,
                                           encoder_hidden_states=e.to(self.model.unet.dtype)).sample
             self.sample_passes += len(x)
-            outs.append(eps.float() - x.float())
+            outs.append(self._to_eps(eps.float(), x.float()) - x.float())
         d = torch.cat(outs)
         lo = d.amin(dim=(2, 3), keepdim=True)
         hi = d.amax(dim=(2, 3), keepdim=True)

@@ -84,6 +84,11 @@ class ScoreSettings:
     # calibration's cache key and of a run's settings, so that a calibration made in one precision
     # is never reused for another and a resumed run never mixes precisions.
     precision: str = "fp32"
+    # The first-step timestep and what the UNet predicts there ("epsilon", "v_prediction" or
+    # "sample"), read from the model's scheduler config by the Scorer: they fix the noise
+    # difference as much as the weights do, so they are recorded and key the calibration.
+    timestep: int | None = None
+    prediction_type: str = "epsilon"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

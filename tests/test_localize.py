@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 
 from nemo_surgery.corpus import read_corpus
@@ -204,6 +205,50 @@ def test_calibration_statistics_and_cache(tiny):
                        cache_dir=root / "cache", log=logs.append)
     assert half.scorer.settings.precision == "bf16" and cal.score_settings["precision"] == "fp32"
     assert half.calibration.key() != cal.key() and not any("reusing" in m for m in logs)
+
+
+class _Predicting:
+    """The tiny model's UNet as if trained to predict v or the clean sample: its epsilon output
+    turned into the other target with diffusers' own definitions."""
+
+    def __init__(self, model, prediction: str, alpha_prod: float):
+        self.model, self.prediction, self.a = model, prediction, alpha_prod
+
+    @torch.no_grad()
+    def __call__(self, x, t, text, sets):
+        eps = self.model.unet(x, t, encoder_hidden_states=text).sample
+        x0 = (x - (1 - self.a) ** 0.5 * eps) / self.a ** 0.5
+        if self.prediction == "sample":
+            return x0
+        return DDIMScheduler.from_config(self.model.scheduler_config).get_velocity(x0, eps, t.reshape(1))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_noise_difference_is_taken_on_epsilon_whatever_the_unet_predicts(tiny, prediction):
+    """NeMo's noise difference is eps_hat - x_T: a UNet that predicts v (SD 2.x 768) or the clean
+    sample must give the same difference as the epsilon model it was derived from, and the target
+    is recorded with the timestep."""
+    _, model, engine, _, _ = tiny
+    settings = ScoreSettings(seeds=4)
+    eps_scorer = Scorer(model, settings, 32)
+    emb = eps_scorer.embed(["official portrait of astronaut eileen collins"])
+    want = eps_scorer.prompt_noise_diffs(emb)
+    other = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "prediction_type": prediction})
+    t = eps_scorer.timestep
+    alpha = float(DDIMScheduler.from_config(model.scheduler_config).alphas_cumprod[int(t)])
+    scorer = Scorer(other, settings, 32, unet=_Predicting(model, prediction, alpha))
+    got = scorer.prompt_noise_diffs(emb)
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    raw = Scorer(model, settings, 32, unet=_Predicting(model, prediction, alpha)).prompt_noise_diffs(emb)
+    assert not torch.allclose(raw, want, atol=1e-2)  # read as epsilon, the output is another signal
+    assert scorer.settings.prediction_type == prediction and scorer.settings.timestep == int(t)
+    assert eps_scorer.settings.to_dict()["prediction_type"] == "epsilon"
+    bad = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "prediction_type": "flow"})
+    with pytest.raises(NemoError, match="prediction_type 'flow'"):
+        Scorer(bad, settings, 32)
 
 
 def test_z_scores_follow_the_activations_device(tiny):

@@ -94,6 +94,21 @@ def test_missing_part_and_corrupt_weights(tmp_path, tiny_dir):
         load_model(trunc)
 
 
+def test_unet_of_another_conditioning_refused(tmp_path, tiny_dir):
+    """An SDXL-style UNet (added text/size conditions) or a UNet whose cross-attention width is not
+    the text encoder's: one line naming it when the model is loaded, not a shape error mid-run."""
+    import shutil
+
+    for name, unet, match in (("xl", tiny_unet("sdxl"), "addition_embed_type='text_time'"),
+                              ("mixed", tiny_unet("sd1", text_dim=24), r"text encoder's width \(16\).*width \(24\)")):
+        d = tmp_path / name
+        shutil.copytree(tiny_dir, d)
+        shutil.rmtree(d / "unet")
+        unet.save_pretrained(d / "unet")
+        with pytest.raises(NemoError, match=match):
+            load_model(d)
+
+
 def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):
     import shutil
 

@@ -225,6 +225,23 @@ def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
             dict(pipe.scheduler.config), stored)
 
 
+def check_conditioning(path: Path, unet_config: Any, text_width: int) -> None:
+    """The UNet must be conditioned on this text encoder's output alone, as NeMo's signals assume
+    (SD 1.x/2.x): an SDXL-style UNet also takes pooled text and size conditions from a second
+    encoder, and a text encoder of another width is from another model."""
+    extra = {k: unet_config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
+             if unet_config.get(k) is not None}
+    if extra:
+        what = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+        raise NemoError(f"{path}: the UNet takes conditioning besides the text embedding ({what}, as SDXL does); "
+                        f"nemo-surgery handles UNets conditioned on one text encoder (SD 1.x/2.x layouts)")
+    cross = unet_config.get("cross_attention_dim")
+    widths = set(cross) if isinstance(cross, (list, tuple)) else {cross}
+    if widths != {text_width}:
+        raise NemoError(f"{path}: the text encoder's width ({text_width}) does not match the UNet's cross-attention "
+                        f"width ({', '.join(map(str, sorted(widths)))}): the parts come from different models")
+
+
 def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
                dtype: torch.dtype = torch.float32, with_vae: bool = True, config: Path | None = None) -> Model:
     """Load the parts NeMo needs from a local diffusers folder, or from a single-file checkpoint
@@ -253,6 +270,7 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoError(f"{path}: cannot load model ({first})") from None
+    check_conditioning(path, unet.config, text_encoder.config.hidden_size)
     stored = stored or str(next(unet.parameters()).dtype).replace("torch.", "")
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)

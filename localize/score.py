@@ -48,7 +48,7 @@ def value_activations(model: Model, emb: torch.Tensor, layers: list[ValueLayer])
     return out
 
 
-def _eps_from(prediction: str, alpha_prod: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _eps_from(prediction: str, alpha_prod: float, where: object = "model") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_hat(output, x_t) for a UNet predicting `prediction` at a timestep with cumulative alpha
     `alpha_prod` (x_t = sqrt(a) x_0 + sqrt(1 - a) eps). NeMo's noise difference is defined on
     eps_hat; taken on an SD 2.x v-prediction model's raw output instead, x_T would dominate it and
@@ -60,7 +60,7 @@ def _eps_from(prediction: str, alpha_prod: float) -> Callable[[torch.Tensor, tor
         return lambda out, x: a * out + s * x
     if prediction == "sample":
         return lambda out, x: (x - a * out) / s
-    raise NemoError(f"scheduler prediction_type {prediction!r}: expected epsilon, v_prediction or sample")
+    raise NemoError(f"{where}: scheduler prediction_type {prediction!r}: expected epsilon, v_prediction or sample")
 
 
 class Scorer:
@@ -80,7 +80,7 @@ class Scorer:
         sched.set_timesteps(settings.inference_steps)
         self.timestep = sched.timesteps[settings.timestep_index]
         prediction = sched.config.prediction_type
-        self._to_eps = _eps_from(prediction, float(sched.alphas_cumprod[int(self.timestep)]))
+        self._to_eps = _eps_from(prediction, float(sched.alphas_cumprod[int(self.timestep)]), model.path)
         self.settings = dataclasses.replace(resolve_settings(model, settings),
                                             backend="torch" if unet is None else "onnxruntime",
                                             precision=next((k for k, v in PRECISIONS.items() if v == dtype), str(dtype)),

@@ -48,7 +48,10 @@ def value_activations(model: Model, emb: torch.Tensor, layers: list[ValueLayer])
     return out
 
 
-def _eps_from(prediction: str, alpha_prod: float, where: object = "model") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+EpsFrom = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _eps_from(prediction: str, alpha_prod: float, where: object = "model") -> EpsFrom:
     """eps_hat(output, x_t) for a UNet predicting `prediction` at a timestep with cumulative alpha
     `alpha_prod` (x_t = sqrt(a) x_0 + sqrt(1 - a) eps). NeMo's noise difference is defined on
     eps_hat; taken on an SD 2.x v-prediction model's raw output instead, x_T would dominate it and

@@ -54,8 +54,9 @@ EpsFrom = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _eps_from(prediction: str, alpha_prod: float, where: object = "model") -> EpsFrom:
     """eps_hat(output, x_t) for a UNet predicting `prediction` at a timestep with cumulative alpha
     `alpha_prod` (x_t = sqrt(a) x_0 + sqrt(1 - a) eps). NeMo's noise difference is defined on
-    eps_hat; taken on an SD 2.x v-prediction model's raw output instead, x_T would dominate it and
-    hide the seed-independent image a memorized prompt predicts."""
+    eps_hat. Taken on an SD 2.x v-prediction model's raw output instead (v ~ -x_0 at the first
+    step), it would carry x_T, which differs by seed, at the weight of the predicted image that a
+    memorized prompt makes the same for every seed."""
     a, s = alpha_prod ** 0.5, (1.0 - alpha_prod) ** 0.5
     if prediction == "epsilon":
         return lambda out, x: out

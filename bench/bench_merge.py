@@ -52,7 +52,7 @@ def main() -> None:
         records = open_results(args.results, make_header(engine.config(corpus, "localize")), restart=False)
     except NemoError as e:
         sys.exit(str(e))
-    memorized = [records[p.id] for p in corpus.prompts if p.id in records and records[p.id].get("refined")]
+    memorized = [records[p.id] for p in corpus.prompts if p.id in records and records[p.id].get("memorized")]
     if not memorized:
         sys.exit(f"{args.results}: no localized memorized prompt of {args.corpus}")
     sizes = [int(s) or len(memorized) for s in args.sizes.split(",")]

@@ -166,10 +166,7 @@ def test_bad_flags_end_in_one_line():
 
 
 def test_audit_refuses_a_model_that_is_not_a_cleaned_copy(tmp_path, tiny_model):
-    from tiny import tiny_unet
-
-    other = save_tiny_pipeline(tmp_path / "other", seed=1)
-    tiny_unet("sd2").save_pretrained(other / "unet")  # value layers of another width
+    other = save_tiny_pipeline(tmp_path / "other", seed=1, widths=(16, 16, 16, 16))  # value layers of another width
     corpus = tmp_path / "c.txt"
     corpus.write_text("a red circle\n")
     results = tmp_path / "results.jsonl"

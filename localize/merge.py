@@ -93,13 +93,18 @@ def memorized_units(engine: Engine, records: list[dict], embeddings: dict[str, t
 
 
 def _corpus_checker(engine: Engine, prompts: list[PromptUnits], bars: dict[str, float] | None = None,
-                    early_exit: bool = False) -> Checker:
+                    early_exit: bool = False, by_seed: bool = False) -> Checker:
+    """Groups are prompts; with `by_seed` under the published criterion, (prompt, memorized seed)
+    pairs: a prompt's score is then the max of its seeds' and a check is still "every group under
+    its bar", but one that fails costs the one seed that failed last instead of the prompt's seeds."""
+    consistency = engine.search.criterion == "consistency"
     units, groups = [], []
     for p in prompts:
         off = bars[p.id] if bars else 0.0
-        groups.append(list(range(len(units), len(units) + len(p.units))))
+        ids = list(range(len(units), len(units) + len(p.units)))
+        groups += [[i] for i in ids] if by_seed and not consistency else [ids]
         units += [Unit(u.emb, u.latent, u.d_ref, off) for u in p.units]
-    return Checker(engine.scorer, units, groups, engine.search.criterion == "consistency", early_exit)
+    return Checker(engine.scorer, units, groups, consistency, early_exit)
 
 
 def blocked_scores(engine: Engine, prompts: list[PromptUnits], neurons: Neurons) -> dict[str, float]:
@@ -162,7 +167,7 @@ def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: 
     journal = journal or PruneJournal(None, "")
     theta = engine.calibration.theta_mem
     bars = {p.id: theta if before[p.id] < theta else before[p.id] + 1e-9 for p in prompts}
-    checker = _corpus_checker(engine, prompts, bars, early_exit=True)
+    checker = _corpus_checker(engine, prompts, bars, early_exit=True, by_seed=True)
     crit = Criterion(0.0)
     order = [v.path for v in reversed(engine.layers)]
     rank = {p: i for i, p in enumerate(order)}

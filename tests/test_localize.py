@@ -471,3 +471,48 @@ def test_pruning_resumes_from_its_journal(tiny, tmp_path, monkeypatch):
         logs = []
         assert make_plan(engine, corpus, recs, MergeSettings(), logs.append, journal=journal).layers == whole.layers
         assert any(why in line for line in logs) and not any("resuming" in line for line in logs)
+
+
+def test_pruning_takes_the_plain_sequential_walks_decisions(tiny, tmp_path):
+    """The corpus pruning (staged, pipelined, a (prompt, seed) pair per group under the published
+    criterion) keeps exactly what the plain walk keeps: each layer, then each neuron (least needed
+    first), re-activated alone and dropped when every prompt's whole blocked score stays under
+    its bar."""
+    from nemo_surgery.localize.merge import blocked_scores, memorized_units
+    from nemo_surgery.localize.search import count, without
+
+    root, model, _, ref, _ = tiny
+    engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(layers="all"),
+                         cache_dir=root / "cache")
+    force_memorized(engine)
+    path = tmp_path / "corpus.txt"
+    path.write_text("official portrait of astronaut eileen collins\nchelsea the tabby cat staring sideways\n"
+                    "a bowl of ramen on a wooden table\nsunset over a mountain lake\n")
+    corpus = read_corpus(path)
+    recs = run_corpus(engine, corpus, tmp_path / "r.jsonl")
+    # Nothing is mitigated at the forced theta_mem; a bar a little above the union's worst score
+    # gives the walk decisions both ways.
+    worst = max(make_plan(engine, corpus, recs, MergeSettings()).check["blocked_scores"].values())
+    engine.calibration = dataclasses.replace(engine.calibration, theta_mem=worst + 0.05 * (1 - worst))
+    plan = make_plan(engine, corpus, recs, MergeSettings())
+
+    current, counts = union(recs)
+    prompts = memorized_units(engine, recs)
+    theta = engine.calibration.theta_mem
+    before = blocked_scores(engine, prompts, current)
+    bars = {p: theta if s < theta else s + 1e-9 for p, s in before.items()}
+
+    def ok(s) -> bool:
+        return all(v < bars[p] for p, v in blocked_scores(engine, prompts, s).items())
+
+    order = [v.path for v in reversed(engine.layers)]
+    for item in [("layer", p, None) for p in order if current.get(p)]:
+        if ok(without(current, item)):
+            current = without(current, item)
+    items = sorted((("neuron", p, n) for p, rows in current.items() for n in rows),
+                   key=lambda it: (counts.get(it[1], {}).get(it[2], 0), order.index(it[1]), it[2]))
+    for item in items:
+        if ok(without(current, item)):
+            current = without(current, item)
+    assert len(prompts) == 4 and 0 < count(current) < len(items) < plan.check["union_neurons"]  # both ways
+    assert plan.layers == {k: sorted(v) for k, v in current.items() if v}

@@ -16,7 +16,8 @@ Why it is faster without changing any decision:
 - a candidate's next stage runs in the next pass, beside the sentinel samples of the candidates
   that follow it (built as if it is dropped), so a decision costs about one pass, not one per
   stage; and no candidate whose result cannot be read gets more seeds.
-The corpus-level pruning (merge.py) walks the same way with prompts as the groups.
+The corpus-level pruning (merge.py) walks the same way, its groups prompts (or, under the
+published criterion, (prompt, memorized seed) pairs).
 Paper names in comments: theta_act (activation z threshold), k (top-k), theta_mem.
 """
 

@@ -4,7 +4,7 @@ z-scores of the initial selection) and theta_mem (the memorization-score thresho
 Activation statistics need only the text encoder and the to_v weights, so every reference prompt
 is used; theta_mem needs UNet passes, so it is taken over an evenly spaced subset (configurable).
 Saved as safetensors (statistics) + JSON (everything else), keyed by model fingerprint,
-reference-file hash and settings, and reused when all three match.
+reference-file hash, settings and a digest of every UNet weight, and reused when all match.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .. import __version__
 from ..corpus import evenly_spaced
 from ..errors import NemoError
 from ..files import atomic_dir, canonical_json, sha256_bytes
-from ..model import Model
+from ..model import Model, unet_digest
 from .score import Scorer, value_activations
 from .settings import CALIBRATION_SCORE_PROMPTS, THETA_MEM_STD
 
@@ -126,4 +126,11 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
     mu, sd = float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
     return Calibration(model.fingerprint, reference_sha256, len(prompts), mean, std,
                        mu + THETA_MEM_STD * sd, mu, sd, [round(s, 6) for s in scores],
-                       scorer.settings.to_dict() | {"score_prompts": score_prompts}, time.time() - t0)
+                       calibration_settings(model, scorer, score_prompts), time.time() - t0)
+
+
+def calibration_settings(model: Model, scorer: Scorer, score_prompts: int) -> dict:
+    """What a calibration depends on besides the fingerprint and the reference file (its cache key):
+    the score settings, how many reference prompts are scored, and every UNet weight (theta_mem
+    comes from UNet passes; the fingerprint covers only the value layers among them)."""
+    return scorer.settings.to_dict() | {"score_prompts": score_prompts, "unet_digest": unet_digest(model.unet)}

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import NemoError
-from ..model import Model
+from ..model import Model, unet_digest
 from .fused_attention import fused_attention, fused_nodes
 from .masks import ValueMasks
 from .prefix import PrefixLayout, PrefixUNet, gather_points, point_of, row_ids, same_as_diffusers
@@ -72,18 +72,6 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-def unet_digest(model: Model) -> str:
-    """sha256 over every UNet tensor (the model fingerprint covers only the value layers and the
-    text encoder, but the graph bakes in all weights)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(dict(model.unet.config), sort_keys=True, default=str).encode())
-    for name, t in model.unet.state_dict().items():
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def supported(model: Model) -> str | None:
@@ -168,7 +156,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     layers = [(v.path, v.out_features) for v in model.value_layers]
     points = gather_points(model)
     key = hashlib.sha256(json.dumps({
-        "format": FORMAT, "unet": unet_digest(model), "layers": layers, "points": points, "opset": OPSET,
+        "format": FORMAT, "unet": unet_digest(model.unet), "layers": layers, "points": points, "opset": OPSET,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnxslim": _version("onnxslim")},
         sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) / "onnx-search"

@@ -205,6 +205,20 @@ def test_calibration_statistics_and_cache(tiny):
                        cache_dir=root / "cache", log=logs.append)
     assert half.scorer.settings.precision == "bf16" and cal.score_settings["precision"] == "fp32"
     assert half.calibration.key() != cal.key() and not any("reusing" in m for m in logs)
+    # theta_mem comes from UNet passes: a UNet that differs outside the value layers (same
+    # fingerprint) is another calibration.
+    import copy
+
+    from nemo_surgery.localize.calibrate import cache_key, calibration_settings
+    from nemo_surgery.model import fingerprint
+
+    n = cal.score_settings["score_prompts"]
+    assert cache_key(model.fingerprint, cal.reference_sha256, calibration_settings(model, engine.scorer, n)) == cal.key()
+    other = dataclasses.replace(model, unet=copy.deepcopy(model.unet))
+    with torch.no_grad():
+        other.unet.conv_in.weight.add_(1e-3)
+    assert fingerprint(other.unet, other.text_encoder) == model.fingerprint
+    assert cache_key(model.fingerprint, cal.reference_sha256, calibration_settings(other, engine.scorer, n)) != cal.key()
 
 
 class _Predicting:

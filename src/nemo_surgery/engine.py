@@ -12,7 +12,7 @@ import torch
 
 from .corpus import read_corpus
 from .errors import NemoError
-from .localize.calibrate import Calibration, cache_key, calibrate
+from .localize.calibrate import Calibration, cache_key, calibrate, calibration_settings
 from .localize.runner import Engine
 from .localize.score import PRECISIONS, Scorer
 from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
@@ -65,7 +65,7 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
                     score_prompts: int = CALIBRATION_SCORE_PROMPTS,
                     log: Callable[[str], None] = lambda s: None) -> Calibration:
     ref = read_corpus(reference)
-    key = cache_key(model.fingerprint, ref.sha256, scorer.settings.to_dict() | {"score_prompts": score_prompts})
+    key = cache_key(model.fingerprint, ref.sha256, calibration_settings(model, scorer, score_prompts))
     folder = (cache_dir or default_cache_dir()) / "calibration" / key
     if (folder / "calibration.json").is_file():
         log(f"calibration: reusing {folder}")

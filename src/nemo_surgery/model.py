@@ -97,6 +97,20 @@ def value_digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def unet_digest(unet: nn.Module) -> str:
+    """sha256 over the UNet's config and every tensor as held in memory. The fingerprint covers
+    what a plan is checked against; the memorization score and the search graph depend on every
+    UNet weight, so what caches them is keyed by this as well."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}  # not where it was loaded from
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in unet.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
     """sha256 over the UNet config, the value-layer weights and the text-encoder weights: what
     determines the signals NeMo reads. Keys every cache and output."""

@@ -112,8 +112,9 @@ def unet_digest(unet: nn.Module) -> str:
 
 
 def fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
-    """sha256 over the UNet config, the value-layer weights and the text-encoder weights: what
-    determines the signals NeMo reads. Keys every cache and output."""
+    """sha256 over the UNet config, the value-layer weights and the text-encoder weights: what the
+    activation signals and a plan's rows depend on. Keys every cache and output; caches of UNet
+    passes (the calibration's theta_mem, the search graph) add `unet_digest`."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     h.update(canonical_json(json.loads(json.dumps(cfg, default=list))).encode())

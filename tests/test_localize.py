@@ -245,7 +245,7 @@ def test_noise_difference_is_taken_on_epsilon_whatever_the_unet_predicts(tiny, p
     """NeMo's noise difference is eps_hat - x_T: a UNet that predicts v (SD 2.x 768) or the clean
     sample must give the same difference as the epsilon model it was derived from, and the target
     is recorded with the timestep."""
-    _, model, engine, _, _ = tiny
+    model = tiny[1]
     settings = ScoreSettings(seeds=4)
     eps_scorer = Scorer(model, settings, 32)
     emb = eps_scorer.embed(["official portrait of astronaut eileen collins"])

@@ -107,7 +107,7 @@ def unet_digest(unet: nn.Module) -> str:
     for name, t in unet.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer itself, not a copy
     return h.hexdigest()
 
 

@@ -17,7 +17,7 @@ import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _msssim
 
 from ..errors import NemoError
-from ..model import Model, ValueLayer
+from ..model import CONTEXT, Model, ValueLayer
 from .masks import NeuronSet, ValueMasks
 from .settings import BATCH_SIZE, MsSsim, ScoreSettings
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .ort_unet import OrtUNet
     from .prefix import TorchPrefixUNet
 
-MAX_TOKENS = 77  # CLIP's context
+MAX_TOKENS = CONTEXT  # CLIP's context
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

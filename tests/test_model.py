@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from nemo_surgery.errors import NemoError
 from nemo_surgery.model import discover_value_layers, load_model, select_layers
@@ -95,8 +96,9 @@ def test_missing_part_and_corrupt_weights(tmp_path, tiny_dir):
 
 
 def test_unet_of_another_conditioning_refused(tmp_path, tiny_dir):
-    """An SDXL-style UNet (added text/size conditions) or a UNet whose cross-attention width is not
-    the text encoder's: one line naming it when the model is loaded, not a shape error mid-run."""
+    """An SDXL-style UNet (added text/size conditions), a UNet whose cross-attention width is not
+    the text encoder's, a text encoder shorter than CLIP's context: one line naming it when the
+    model is loaded, not a shape error mid-run."""
     import shutil
 
     for name, unet, match in (("xl", tiny_unet("sdxl"), "addition_embed_type='text_time'"),
@@ -107,6 +109,13 @@ def test_unet_of_another_conditioning_refused(tmp_path, tiny_dir):
         unet.save_pretrained(d / "unet")
         with pytest.raises(NemoError, match=match):
             load_model(d)
+    short = tmp_path / "short"  # a text encoder of fewer token positions than CLIP's 77
+    shutil.copytree(tiny_dir, short)
+    cfg = CLIPTextConfig.from_pretrained(short / "text_encoder")
+    cfg.max_position_embeddings = 64
+    CLIPTextModel(cfg).save_pretrained(short / "text_encoder")
+    with pytest.raises(NemoError, match="holds 64 token positions"):
+        load_model(short)
 
 
 def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):

@@ -240,6 +240,9 @@ def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
             dict(pipe.scheduler.config), stored)
 
 
+CONTEXT = 77  # CLIP's context: the token positions every embedding here has
+
+
 def check_conditioning(path: Path, unet_config: Any, text_width: int) -> None:
     """The UNet must be conditioned on this text encoder's output alone, as NeMo's signals assume
     (SD 1.x/2.x): an SDXL-style UNet also takes pooled text and size conditions from a second
@@ -286,6 +289,10 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoError(f"{path}: cannot load model ({first})") from None
     check_conditioning(path, unet.config, text_encoder.config.hidden_size)
+    positions = getattr(text_encoder.config, "max_position_embeddings", CONTEXT)
+    if positions < CONTEXT:
+        raise NemoError(f"{path}: the text encoder holds {positions} token positions; Stable Diffusion's "
+                        f"signals are read over CLIP's {CONTEXT}")
     stored = stored or str(next(unet.parameters()).dtype).replace("torch.", "")
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)

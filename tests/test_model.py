@@ -95,27 +95,31 @@ def test_missing_part_and_corrupt_weights(tmp_path, tiny_dir):
         load_model(trunc)
 
 
-def test_unet_of_another_conditioning_refused(tmp_path, tiny_dir):
+def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
     """An SDXL-style UNet (added text/size conditions), a UNet whose cross-attention width is not
-    the text encoder's, a text encoder shorter than CLIP's context: one line naming it when the
-    model is loaded, not a shape error mid-run."""
+    the text encoder's, an inpainting-style UNet, a VAE of other latent channels, a text encoder
+    shorter than CLIP's context: one line naming it when the model is loaded, not a shape error
+    mid-run."""
     import shutil
 
-    for name, unet, match in (("xl", tiny_unet("sdxl"), "addition_embed_type='text_time'"),
-                              ("mixed", tiny_unet("sd1", text_dim=24), r"text encoder's width \(16\).*width \(24\)")):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    inpaint = UNet2DConditionModel.from_config({**tiny_unet("sd1").config, "in_channels": 9})
+    short = CLIPTextConfig.from_pretrained(tiny_dir / "text_encoder")
+    short.max_position_embeddings = 64
+    vae = AutoencoderKL.from_config({**AutoencoderKL.load_config(tiny_dir / "vae"), "latent_channels": 3})
+    for name, part, module, match in (
+            ("xl", "unet", tiny_unet("sdxl"), "addition_embed_type='text_time'"),
+            ("mixed", "unet", tiny_unet("sd1", text_dim=24), r"text encoder's width \(16\).*width \(24\)"),
+            ("inpaint", "unet", inpaint, "takes 9 input channels and predicts 4"),
+            ("vae", "vae", vae, "VAE's 3 latent channels do not match the UNet's 4"),
+            ("short", "text_encoder", CLIPTextModel(short), "holds 64 token positions")):
         d = tmp_path / name
         shutil.copytree(tiny_dir, d)
-        shutil.rmtree(d / "unet")
-        unet.save_pretrained(d / "unet")
+        shutil.rmtree(d / part)
+        module.save_pretrained(d / part)
         with pytest.raises(NemoError, match=match):
             load_model(d)
-    short = tmp_path / "short"  # a text encoder of fewer token positions than CLIP's 77
-    shutil.copytree(tiny_dir, short)
-    cfg = CLIPTextConfig.from_pretrained(short / "text_encoder")
-    cfg.max_position_embeddings = 64
-    CLIPTextModel(cfg).save_pretrained(short / "text_encoder")
-    with pytest.raises(NemoError, match="holds 64 token positions"):
-        load_model(short)
 
 
 def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):

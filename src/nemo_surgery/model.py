@@ -243,21 +243,35 @@ def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
 CONTEXT = 77  # CLIP's context: the token positions every embedding here has
 
 
-def check_conditioning(path: Path, unet_config: Any, text_width: int) -> None:
-    """The UNet must be conditioned on this text encoder's output alone, as NeMo's signals assume
-    (SD 1.x/2.x): an SDXL-style UNet also takes pooled text and size conditions from a second
-    encoder, and a text encoder of another width is from another model."""
+def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any | None) -> None:
+    """The parts must fit together as a text-to-image SD 1.x/2.x model, as NeMo's signals assume:
+    the UNet conditioned on this text encoder's output alone (an SDXL-style UNet also takes pooled
+    text and size conditions from a second encoder), over CLIP's 77 positions, denoising latents
+    of the VAE's channels into as many (an inpainting UNet takes the masked image as well)."""
     extra = {k: unet_config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
              if unet_config.get(k) is not None}
     if extra:
         what = ", ".join(f"{k}={v!r}" for k, v in extra.items())
         raise NemoError(f"{path}: the UNet takes conditioning besides the text embedding ({what}, as SDXL does); "
                         f"nemo-surgery handles UNets conditioned on one text encoder (SD 1.x/2.x layouts)")
+    width = text_config.hidden_size
     cross = unet_config.get("cross_attention_dim")
     widths = set(cross) if isinstance(cross, (list, tuple)) else {cross}
-    if widths != {text_width}:
-        raise NemoError(f"{path}: the text encoder's width ({text_width}) does not match the UNet's cross-attention "
+    if widths != {width}:
+        raise NemoError(f"{path}: the text encoder's width ({width}) does not match the UNet's cross-attention "
                         f"width ({', '.join(map(str, sorted(widths)))}): the parts come from different models")
+    positions = getattr(text_config, "max_position_embeddings", CONTEXT)
+    if positions < CONTEXT:
+        raise NemoError(f"{path}: the text encoder holds {positions} token positions; Stable Diffusion's "
+                        f"signals are read over CLIP's {CONTEXT}")
+    c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
+    if c_in != c_out:
+        raise NemoError(f"{path}: the UNet takes {c_in} input channels and predicts {c_out} (an inpainting or "
+                        f"otherwise image-conditioned UNet); nemo-surgery handles text-to-image UNets")
+    latent = vae_config.get("latent_channels") if vae_config is not None else c_in
+    if latent != c_in:
+        raise NemoError(f"{path}: the VAE's {latent} latent channels do not match the UNet's {c_in}: "
+                        f"the parts come from different models")
 
 
 def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
@@ -288,11 +302,7 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoError(f"{path}: cannot load model ({first})") from None
-    check_conditioning(path, unet.config, text_encoder.config.hidden_size)
-    positions = getattr(text_encoder.config, "max_position_embeddings", CONTEXT)
-    if positions < CONTEXT:
-        raise NemoError(f"{path}: the text encoder holds {positions} token positions; Stable Diffusion's "
-                        f"signals are read over CLIP's {CONTEXT}")
+    check_parts(path, unet.config, text_encoder.config, vae.config if vae is not None else None)
     stored = stored or str(next(unet.parameters()).dtype).replace("torch.", "")
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)

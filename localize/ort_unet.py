@@ -75,14 +75,12 @@ def _version(package: str) -> str | None:
 
 
 def supported(model: Model) -> str | None:
-    """Why this model cannot take the ONNX path, or None."""
-    cfg = model.unet.config
+    """Why this model cannot take the ONNX path, or None. (A UNet with conditions besides the
+    text never gets here: `load_model` refuses it.)"""
     if model.device.type != "cpu":
         return f"the model is on {model.device.type} (the onnxruntime path is for CPUs)"
     if next(model.unet.parameters()).dtype != torch.float32:
         return "the search runs in reduced precision (the onnxruntime path is fp32)"
-    if cfg.class_embed_type is not None or cfg.addition_embed_type is not None:
-        return "the UNet needs conditioning other than text (SDXL-style added conditions)"
     return None
 
 

@@ -88,14 +88,14 @@ class PrefixUNet(nn.Module):
 
 def gather_points(model: Model) -> list[str] | None:
     """Module paths of the transformer blocks a `PrefixUNet` gathers before (then one more before
-    the up path), or None where the UNet is not laid out as that forward assumes."""
+    the up path), or None where the UNet is not laid out as that forward assumes. (Its forward
+    leaves out class and added embeddings: `load_model` refuses UNets that take them.)"""
     from diffusers.models.unets.unet_2d_blocks import (CrossAttnDownBlock2D, DownBlock2D,
                                                        UNetMidBlock2DCrossAttn)
 
     u = model.unet
     cfg = u.config
-    if (cfg.class_embed_type is not None or cfg.addition_embed_type is not None or cfg.encoder_hid_dim_type
-            or cfg.center_input_sample or not isinstance(u.mid_block, UNetMidBlock2DCrossAttn)
+    if (cfg.center_input_sample or not isinstance(u.mid_block, UNetMidBlock2DCrossAttn)
             or model.latent_size % 2 ** getattr(u, "num_upsamplers", 0)):
         return None
     points = []

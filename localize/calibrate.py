@@ -110,7 +110,9 @@ def activation_stats(model: Model, scorer: Scorer, prompts: list[str]) -> tuple[
 
 def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256: str,
               score_prompts: int = CALIBRATION_SCORE_PROMPTS,
-              progress: Callable[[int, int], None] | None = None) -> Calibration:
+              progress: Callable[[int, int], None] | None = None, settings: dict | None = None) -> Calibration:
+    """`settings`: `calibration_settings` for this model and scorer, where the caller has them
+    already (they hash every UNet weight)."""
     if len(prompts) < 2:
         raise NemoError(f"calibration needs at least 2 reference prompts, got {len(prompts)}")
     t0 = time.time()
@@ -126,7 +128,7 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
     mu, sd = float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
     return Calibration(model.fingerprint, reference_sha256, len(prompts), mean, std,
                        mu + THETA_MEM_STD * sd, mu, sd, [round(s, 6) for s in scores],
-                       calibration_settings(model, scorer, score_prompts), time.time() - t0)
+                       settings or calibration_settings(model, scorer, score_prompts), time.time() - t0)
 
 
 def calibration_settings(model: Model, scorer: Scorer, score_prompts: int) -> dict:

@@ -65,7 +65,8 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
                     score_prompts: int = CALIBRATION_SCORE_PROMPTS,
                     log: Callable[[str], None] = lambda s: None) -> Calibration:
     ref = read_corpus(reference)
-    key = cache_key(model.fingerprint, ref.sha256, calibration_settings(model, scorer, score_prompts))
+    settings = calibration_settings(model, scorer, score_prompts)
+    key = cache_key(model.fingerprint, ref.sha256, settings)
     folder = (cache_dir or default_cache_dir()) / "calibration" / key
     if (folder / "calibration.json").is_file():
         log(f"calibration: reusing {folder}")
@@ -78,7 +79,7 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
         if i % step == 0 or i == n:
             log(f"calibration: scored {i}/{n} reference prompts")
 
-    cal = calibrate(model, scorer, [p.text for p in ref.prompts], ref.sha256, score_prompts, progress)
+    cal = calibrate(model, scorer, [p.text for p in ref.prompts], ref.sha256, score_prompts, progress, settings)
     cal.save(folder)
     log(f"calibration: theta_mem = {cal.theta_mem:.4f} (mean {cal.score_mean:.4f} + 1 std {cal.score_std:.4f}), "
         f"{cal.seconds:.1f} s, saved to {folder}")

@@ -35,11 +35,11 @@ from torch import nn
 
 from .. import __version__
 from ..errors import NemoError
-from ..model import Model, unet_digest
+from ..model import CONTEXT, Model, unet_digest
 from .fused_attention import fused_attention, fused_nodes
 from .masks import ValueMasks
 from .prefix import PrefixLayout, PrefixUNet, gather_points, point_of, row_ids, same_as_diffusers
-from .score import MAX_TOKENS
+
 
 FORMAT = 4  # bump when the graph's inputs, outputs or rewriting change
 OPSET = 17
@@ -170,7 +170,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g).float()
-        e = torch.randn(batch, MAX_TOKENS, cfg.cross_attention_dim, generator=g)
+        e = torch.randn(batch, CONTEXT, cfg.cross_attention_dim, generator=g)
         if points is None:
             return {"sample": x, "timestep": t, "encoder_hidden_states": e,
                     "value_mask": (torch.rand(batch, width, generator=g) > 0.3).float()}

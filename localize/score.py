@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from .ort_unet import OrtUNet
     from .prefix import TorchPrefixUNet
 
-MAX_TOKENS = CONTEXT  # CLIP's context
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -108,12 +107,12 @@ class Scorer:
     def embed(self, prompts: list[str]) -> torch.Tensor:
         tok = self.model.tokenizer
         full = tok(prompts, truncation=False, padding=False).input_ids
-        long = sum(len(ids) > MAX_TOKENS for ids in full)
+        long = sum(len(ids) > CONTEXT for ids in full)
         if long:
             self.truncated_prompts += long
-            warnings.warn(f"{long} prompt(s) longer than {MAX_TOKENS} tokens are truncated, as the text "
+            warnings.warn(f"{long} prompt(s) longer than {CONTEXT} tokens are truncated, as the text "
                           f"encoder does", stacklevel=2)
-        ids = tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+        ids = tok(prompts, padding="max_length", max_length=CONTEXT, truncation=True,
                   return_tensors="pt").input_ids.to(self.device)
         return self.model.text_encoder(ids)[0]
 

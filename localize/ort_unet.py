@@ -9,7 +9,8 @@ batch of 10; 4.7 ms in onnxruntime on 2 threads; 3.3 ms on 2 single-threaded run
 The graph is the model's UNet with the value masks as inputs: every `attn2.to_v` output is
 multiplied by its mask, exactly as `ValueMasks` does in torch, so one graph evaluates any
 candidate neuron sets side by side. On an SD 1.x/2.x layout it also gathers rows before each
-down/mid transformer block (`prefix.PrefixUNet`), so the layers candidates share run once per seed
+down/mid transformer block (`prefix.PrefixUNet`), so each block runs once per distinct state its
+samples need there, the layers candidates share once per seed
 (demo: x1.25 on top of the runtime; other layouts get the plain graph). The exported graph is
 simplified by onnxslim (`export.onnx._simplify`), which folds away most of the shape arithmetic
 of a dynamic batch. Its attention runs as onnxruntime's fused CPU kernel (`fused_attention`):
@@ -87,7 +88,8 @@ def supported(model: Model) -> str | None:
 class OrtUNet:
     """Runs the search graph; a batch is cut into one slice per worker thread, each slice run by a
     single-threaded call of one shared session (onnxruntime releases the GIL). With gather points
-    (`prefix.PrefixUNet`), each slice computes the layers its candidates share once per distinct row."""
+    (`prefix.PrefixUNet`), each slice computes each layer once per distinct state its samples need
+    there (`prefix.Tree`)."""
 
     def __init__(self, path: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int):
         from ..export.onnx import ort_session
@@ -100,22 +102,27 @@ class OrtUNet:
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, sets: list | None,
-              rows: np.ndarray | None = None) -> dict:
-        """`rows`: `row_ids` of the samples, where the caller has them already."""
+              rows: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
+        """The graph's inputs for these samples, and which output row is each sample's (None:
+        one each, in order). `rows`: `row_ids` of the samples, where the caller has them already."""
         b = len(sample)
         m = self.layout.mask(sets, b)
         if self.points is None:
             return {"sample": sample, "timestep": np.full((b,), timestep, dtype=np.float32),
-                    "encoder_hidden_states": text, "value_mask": m}
-        rep, unit, cut = self.layout.cut(m, row_ids(sample, text) if rows is None else rows)
-        u = len(rep)
-        f = {"sample": sample[rep], "timestep": np.full((u,), timestep, dtype=np.float32),
-             "encoder_hidden_states": text[rep]}
-        for li, mask in enumerate(self.layout.layer_masks(m, rep, cut)):
+                    "encoder_hidden_states": text, "value_mask": m}, None
+        tree = self.layout.tree(m, row_ids(sample, text) if rows is None else rows)
+        u = len(tree.rep)
+        f = {"sample": sample[tree.rep], "timestep": np.full((u,), timestep, dtype=np.float32),
+             "encoder_hidden_states": text[tree.rep]}
+        for li, mask in enumerate(tree.masks):
             f[f"mask_{li}"] = mask
-        for g in range(len(self.points) + 1):
-            f[f"gather_{g}"] = np.arange(u) if g < cut else (unit if g == cut else np.arange(b))
-        return f
+        for g, ix in enumerate(tree.gathers):
+            f[f"gather_{g}"] = ix
+        return f, tree.out
+
+    def run(self, feeds: dict, out: np.ndarray | None) -> np.ndarray:
+        y = self.session.run(None, feeds)[0]
+        return y if out is None else y[out]
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                  sets: list | None) -> torch.Tensor:
@@ -123,15 +130,16 @@ class OrtUNet:
         x, e, t = sample.float().numpy(), text.float().contiguous().numpy(), float(timestep)
         n = min(self.threads, b)
         if n == 1 or self.pool is None:
-            return torch.from_numpy(self.session.run(None, self.feeds(x, t, e, sets))[0])
-        # Samples of one (latent, prompt) row next to each other before the batch is cut over the
-        # runs: a row cut in two has the layers its candidates share computed in both runs.
+            return torch.from_numpy(self.run(*self.feeds(x, t, e, sets)))
+        # Samples that share layers next to each other (in the order of their tree) before the
+        # batch is cut over the runs: a subtree cut in two has its shared layers computed in both.
         rows = row_ids(x, e)
-        order = np.argsort(rows, kind="stable")
+        order = (np.argsort(rows, kind="stable") if self.points is None
+                 else self.layout.tree(self.layout.mask(sets, b), rows).order())
         parts = [self.feeds(x[c], t, e[c], None if sets is None else [sets[i] for i in c], rows[c])
                  for c in np.array_split(order, n)]
         out = np.empty((b, *x.shape[1:]), dtype=np.float32)
-        out[order] = np.concatenate(list(self.pool.map(lambda f: self.session.run(None, f)[0], parts)))
+        out[order] = np.concatenate(list(self.pool.map(lambda part: self.run(*part), parts)))
         return torch.from_numpy(out)
 
     def close(self) -> None:

@@ -1,18 +1,19 @@
-"""Computing once what the candidates of a pass share: the UNet up to the first layer where their
-masks differ.
+"""Computing once what the samples of a pass share: each block of the UNet once per distinct
+state its samples need there.
 
 Why: a pass holds several candidate neuron sets for the same few (seed, prompt) rows, and the
 candidates differ only from some layer on (refinement walks one layer at a time, the initial
 selection's steps differ everywhere). `PrefixUNet` is the UNet written out block by block with a
 row gather before each down/mid transformer block and before the up path: the caller feeds one
-row per distinct (seed, prompt) and, at the cut, gathers them out to one row per candidate.
-
-Used by both backends: onnxruntime runs it as an exported graph (`ort_unet`), torch runs it
-eagerly (`TorchPrefixUNet`). Layouts other than SD 1.x/2.x get the plain UNet (`gather_points`
-returns None).
+row per distinct (seed, prompt), and each gather takes the rows out to one per distinct (row,
+masks of the layers up to that block) (`PrefixLayout.tree`). A pass whose candidates part at
+different layers (a refinement pass spans layers; a candidate's later seeds run beside the next
+candidates' first) thus computes each block no more often than its samples differ there.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,9 +25,9 @@ from .masks import NeuronSet, ValueMasks
 
 class PrefixUNet(nn.Module):
     """UNet(sample, timestep, text, mask_0..mask_{L-1}, gather_0..gather_G) -> noise prediction.
-    `mask_i` holds layer i's masks for the rows it sees (distinct rows before the cut, candidates
-    after); `gather_g` the rows to take before gather point g. Run eagerly, a gather may be None:
-    the identity, without copying."""
+    `mask_i` holds layer i's masks for the states its block computes; `gather_g` the state each
+    state after gather point g continues (`Tree`). Run eagerly, a gather may be None: the identity,
+    without copying."""
 
     def __init__(self, model: Model, points: list[str]):
         super().__init__()
@@ -144,30 +145,60 @@ class PrefixLayout:
                     m[i, [self.offsets[path] + r for r in rows]] = 0.0
         return m
 
-    def cut(self, m: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """(rep, unit, cut): the first sample of each distinct row, each sample's row, and the
-        gather point before the first layer whose masks differ within a row (len(points): none
-        before the up path)."""
-        _, rep, unit = np.unique(rows, return_index=True, return_inverse=True)
-        rep_of = rep[unit]
-        for li, (path, w) in enumerate(self.layers):
-            o = self.offsets[path]
-            if not np.array_equal(m[:, o:o + w], m[rep_of, o:o + w]):
-                return rep, unit, self.point_of[li]
-        return rep, unit, len(self.points)
+    def tree(self, m: np.ndarray, rows: np.ndarray) -> "Tree":
+        """What a pass computes at each level: level -1 is the distinct (latent, prompt) rows;
+        level g (the transformer block after gather point g; g = len(points): the up path) is
+        the distinct (row, masks of every layer up to that block). A level's states are numbered
+        in order of (parent state, masks), so samples sorted by their last state lie in the order
+        of the tree (`Tree.order`): every subtree contiguous."""
+        _, rep, ids = np.unique(rows, return_index=True, return_inverse=True)
+        ids = ids.reshape(-1)
+        gathers, first = [], [rep]
+        for g in range(len(self.points) + 1):
+            cols = [self._cols(li) for li, pt in enumerate(self.point_of) if pt == g]
+            # One byte string per sample: its parent state (big-endian, so that bytes sort as
+            # numbers) and its masks at this level as bits. Sorting these is what keeps a
+            # subtree's samples together, and it is fast at SD sizes (thousands of columns).
+            key = np.concatenate([ids.astype(">i8")[:, None].view(np.uint8)]
+                                 + [np.packbits(m[:, c] == 0, axis=1) for c in cols], axis=1)
+            key = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).reshape(-1)
+            _, at, new = np.unique(key, return_index=True, return_inverse=True)
+            new = new.reshape(-1)
+            gathers.append(ids[at])
+            first.append(at)
+            ids = new
+        masks = [m[first[self.point_of[li] + 1], self._cols(li)] for li in range(len(self.layers))]
+        return Tree(rep, gathers, masks, ids)
 
-    def layer_masks(self, m: np.ndarray, rep: np.ndarray, cut: int) -> list[np.ndarray]:
-        """Each layer's masks for the rows it sees: distinct rows before the cut, samples after."""
-        out = []
-        for li, (path, w) in enumerate(self.layers):
-            o = self.offsets[path]
-            out.append(m[rep, o:o + w] if self.point_of[li] < cut else m[:, o:o + w])
-        return out
+    def _cols(self, li: int) -> slice:
+        path, w = self.layers[li]
+        return slice(self.offsets[path], self.offsets[path] + w)
+
+
+@dataclass
+class Tree:
+    """A pass laid out for `PrefixUNet`: `rep` the first sample of each distinct row (what goes
+    in), `gathers[g]` each level-g state's parent state, `masks[li]` layer li's masks for the
+    states of its level, `out[i]` the last-level state that is sample i's result."""
+
+    rep: np.ndarray
+    gathers: list[np.ndarray]
+    masks: list[np.ndarray]
+    out: np.ndarray
+
+    @property
+    def states(self) -> list[int]:
+        """How many states each level computes, rows first: the pass's cost in units of levels."""
+        return [len(self.rep)] + [len(g) for g in self.gathers]
+
+    def order(self) -> np.ndarray:
+        """The samples in the order of the tree."""
+        return np.argsort(self.out, kind="stable")
 
 
 class TorchPrefixUNet:
-    """The search's UNet pass on torch with the shared prefix computed once per distinct (seed,
-    prompt) row; called as the Scorer calls a UNet (inputs on the model's device, in its dtype)."""
+    """The search's UNet pass on torch with each block computed once per distinct state (`Tree`);
+    called as the Scorer calls a UNet (inputs on the model's device, in its dtype)."""
 
     def __init__(self, model: Model, points: list[str]):
         self.module = PrefixUNet(model, points).eval()
@@ -182,13 +213,16 @@ class TorchPrefixUNet:
         _, xi = torch.unique(sample.reshape(b, -1), dim=0, return_inverse=True)
         _, ei = torch.unique(text.reshape(b, -1), dim=0, return_inverse=True)
         rows = (xi * b + ei).cpu().numpy()
-        m = self.layout.mask(sets, b)
-        rep, unit, cut = self.layout.cut(m, rows)
+        tree = self.layout.tree(self.layout.mask(sets, b), rows)
         dev = self.device
-        masks = [torch.from_numpy(x).to(dev) for x in self.layout.layer_masks(m, rep, cut)]
-        gathers = [torch.from_numpy(unit).to(dev) if g == cut else None for g in range(len(self.layout.points) + 1)]
-        r = torch.from_numpy(rep).to(dev)
-        return self.module(sample[r], timestep.to(dev).expand(len(rep)), text[r], *masks, *gathers)
+        masks = [torch.from_numpy(x).to(dev) for x in tree.masks]
+        sizes = tree.states
+        # A gather that keeps every state in order is left out (None): no copy.
+        gathers = [None if n == sizes[g] and np.array_equal(ix, np.arange(n)) else torch.from_numpy(ix).to(dev)
+                   for g, (ix, n) in enumerate(zip(tree.gathers, sizes[1:]))]
+        r = torch.from_numpy(tree.rep).to(dev)
+        y = self.module(sample[r], timestep.to(dev).expand(len(tree.rep)), text[r], *masks, *gathers)
+        return y if len(y) == b and np.array_equal(tree.out, np.arange(b)) else y[torch.from_numpy(tree.out).to(dev)]
 
     def close(self) -> None:
         self.module.masks.remove()

@@ -104,9 +104,21 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     common = {layers[1]: frozenset({0, 2})}
     cands = [{**common, layers[4]: frozenset({k})} for k in range(3)] + [{**common, layers[12]: frozenset({1})}]
     emb16, lat16, sets16 = emb[:1].expand(16, -1, -1), exact.latents.repeat_interleave(4, 0), cands * 4
-    feeds = fast.unet.feeds(lat16.numpy(), 981.0, emb16.contiguous().numpy(), sets16)
+    feeds, _ = fast.unet.feeds(lat16.numpy(), 981.0, emb16.contiguous().numpy(), sets16)
     assert len(feeds["sample"]) == 4 and len(feeds["mask_0"]) == 4 and len(feeds[f"mask_{len(layers) - 1}"]) == 16
     assert (fast.noise_diff(emb16, lat16, sets16) - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
+    # Candidates that part at different layers: each block runs once per distinct state there.
+    # Two of the four differ from layer 4 on, all four only in the up path; one is there twice.
+    parting = [{**common}, {**common, layers[4]: frozenset({1})}, {**common, layers[12]: frozenset({2})},
+               {**common, layers[12]: frozenset({3})}, {**common}]
+    lat20, emb20, sets20 = exact.latents.repeat_interleave(5, 0), emb[:1].expand(20, -1, -1), parting * 4
+    feeds, out = fast.unet.feeds(lat20.numpy(), 981.0, emb20.contiguous().numpy(), sets20)
+    assert len(feeds["mask_4"]) == 8 and len(feeds[f"mask_{len(layers) - 1}"]) == 16 and len(out) == 20
+    got20 = fast.noise_diff(emb20, lat20, sets20)
+    assert torch.equal(got20[0], got20[4])
+    alone = torch.cat([fast.noise_diff(emb20[i:i + 1], lat20[i:i + 1], sets20[i:i + 1]) for i in range(20)])
+    assert (got20 - alone).abs().max() < 1e-6
+    assert (got20 - exact.noise_diff(emb20, lat20, sets20)).abs().max() < 1e-4
     # A sample's result does not depend on how the batch is cut over the worker threads.
     one = fast.unet.threads
     fast.unet.threads = 1
@@ -170,8 +182,7 @@ def test_fused_attention_traces_as_diffusers_and_falls_back(tiny, tmp_path, monk
     assert "NoSuchAttention" in report["unfused_because"]
     assert any(m.startswith("onnxruntime: fused attention left out") for m in logs)
     try:
-        feeds = runner.feeds(x.numpy(), 981.0, e.numpy(), None)
-        assert np.abs(runner.session.run(None, feeds)[0] - want.numpy()).max() < 1e-4
+        assert np.abs(runner.run(*runner.feeds(x.numpy(), 981.0, e.numpy(), None)) - want.numpy()).max() < 1e-4
     finally:
         runner.close()
 
@@ -343,8 +354,9 @@ def test_torch_prefix_agrees_with_diffusers_forward(tiny):
         assert (fast.noise_diff(e, lat, sets) - exact.noise_diff(e, lat, sets)).abs().max() < 1e-4
     layout = fast.prefix.layout
     m = layout.mask(cands * 4, 16)
-    rep, unit, cut = layout.cut(m, np.arange(16) // 4)
-    assert len(rep) == 4 and cut == layout.point_of[4]  # the 4 seeds share everything before layer 4
+    states = layout.tree(m, np.arange(16) // 4).states  # rows, then each gather point's
+    part = layout.point_of[4] + 1  # the 4 seeds share everything before layer 4
+    assert states[:part] == [4] * part and states[part:] == [16] * (len(states) - part)
     torch_engine = dataclasses.replace(force_memorized(engine), scorer=fast)
     assert_plain_decisions(torch_engine, "official portrait of astronaut eileen collins")
     fast.close()

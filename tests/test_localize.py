@@ -108,7 +108,8 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     assert len(feeds["sample"]) == 4 and len(feeds["mask_0"]) == 4 and len(feeds[f"mask_{len(layers) - 1}"]) == 16
     assert (fast.noise_diff(emb16, lat16, sets16) - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
     # Candidates that part at different layers: each block runs once per distinct state there.
-    # Two of the four differ from layer 4 on, all four only in the up path; one is there twice.
+    # Of the four distinct candidates, one parts from the others at layer 4, the rest only in the
+    # up path; the first is there twice and computed once.
     parting = [{**common}, {**common, layers[4]: frozenset({1})}, {**common, layers[12]: frozenset({2})},
                {**common, layers[12]: frozenset({3})}, {**common}]
     lat20, emb20, sets20 = exact.latents.repeat_interleave(5, 0), emb[:1].expand(20, -1, -1), parting * 4
@@ -337,8 +338,8 @@ def test_batched_engine_takes_the_plain_algorithms_decisions(tiny, criterion):
 
 
 def test_torch_prefix_agrees_with_diffusers_forward(tiny):
-    """The torch search pass computes what candidates share once per (latent, prompt) row, as the
-    search graph does: same noise differences as diffusers' forward within float noise, and the
+    """The torch search pass computes each block once per distinct state (what candidates share
+    once per (latent, prompt) row), as the search graph does: same noise differences as diffusers' forward within float noise, and the
     plain algorithm's decisions."""
     _, model, engine, _, _ = tiny
     fast = make_scorer(model, Runtime(backend="torch"), ScoreSettings(seeds=4))
@@ -348,7 +349,8 @@ def test_torch_prefix_agrees_with_diffusers_forward(tiny):
     emb = exact.embed(["official portrait of astronaut eileen collins"])
     common = {layers[1]: frozenset({0, 2})}
     cands = [{**common, layers[4]: frozenset({k})} for k in range(3)] + [{**common, layers[12]: frozenset({1})}]
-    for sets in (cands * 4, [{}] * 16, [{layers[0]: frozenset({1})}, {}] * 8):
+    parting = [common, {**common, layers[4]: frozenset({1})}, {**common, layers[12]: frozenset({2})}, common]
+    for sets in (cands * 4, [{}] * 16, [{layers[0]: frozenset({1})}, {}] * 8, parting * 4):
         lat = exact.latents.repeat_interleave(4, 0)
         e = emb.expand(16, -1, -1)
         assert (fast.noise_diff(e, lat, sets) - exact.noise_diff(e, lat, sets)).abs().max() < 1e-4

@@ -105,8 +105,12 @@ class OrtUNet:
               rows: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
         """The graph's inputs for these samples, and which output row is each sample's (None:
         one each, in order). `rows`: `row_ids` of the samples, where the caller has them already."""
+        return self._feeds(sample, timestep, text, self.layout.mask(sets, len(sample)), rows)
+
+    def _feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, m: np.ndarray,
+               rows: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
+        """`feeds` from the samples' mask matrix (`PrefixLayout.mask`)."""
         b = len(sample)
-        m = self.layout.mask(sets, b)
         if self.points is None:
             return {"sample": sample, "timestep": np.full((b,), timestep, dtype=np.float32),
                     "encoder_hidden_states": text, "value_mask": m}, None
@@ -134,10 +138,9 @@ class OrtUNet:
         # Samples that share layers next to each other (in the order of their tree) before the
         # batch is cut over the runs: a subtree cut in two has its shared layers computed in both.
         rows = row_ids(x, e)
-        order = (np.argsort(rows, kind="stable") if self.points is None
-                 else self.layout.tree(self.layout.mask(sets, b), rows).order())
-        parts = [self.feeds(x[c], t, e[c], None if sets is None else [sets[i] for i in c], rows[c])
-                 for c in np.array_split(order, n)]
+        m = self.layout.mask(sets, b)
+        order = np.argsort(rows, kind="stable") if self.points is None else self.layout.tree(m, rows).order()
+        parts = [self._feeds(x[c], t, e[c], m[c], rows[c]) for c in np.array_split(order, n)]
         out = np.empty((b, *x.shape[1:]), dtype=np.float32)
         out[order] = np.concatenate(list(self.pool.map(lambda part: self.run(*part), parts)))
         return torch.from_numpy(out)

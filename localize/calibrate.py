@@ -131,8 +131,10 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
                        settings or calibration_settings(model, scorer, score_prompts), time.time() - t0)
 
 
-def calibration_settings(model: Model, scorer: Scorer, score_prompts: int) -> dict:
+def calibration_settings(model: Model, scorer: Scorer, score_prompts: int, digest: str | None = None) -> dict:
     """What a calibration depends on besides the fingerprint and the reference file (its cache key):
     the score settings, how many reference prompts are scored, and every UNet weight (theta_mem
-    comes from UNet passes; the fingerprint covers only the value layers among them)."""
-    return scorer.settings.to_dict() | {"score_prompts": score_prompts, "unet_digest": unet_digest(model.unet)}
+    comes from UNet passes; the fingerprint covers only the value layers among them). `digest`:
+    the model's `unet_digest`, where the caller has it already."""
+    return scorer.settings.to_dict() | {"score_prompts": score_prompts,
+                                        "unet_digest": digest or unet_digest(model.unet)}

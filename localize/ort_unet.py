@@ -152,8 +152,9 @@ class OrtUNet:
 
 
 def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
-                  log: Callable[[str], None] = lambda s: None) -> OrtUNet:
-    """The cached graph for this model (exported and checked against torch when missing)."""
+                  log: Callable[[str], None] = lambda s: None, digest: str | None = None) -> OrtUNet:
+    """The cached graph for this model (exported and checked against torch when missing).
+    `digest`: the model's `unet_digest`, where the caller has it already."""
     from ..export.onnx import CHECK_BATCH, DEFAULT_TOLERANCE, check_onnx, export_module
 
     why = supported(model)
@@ -165,7 +166,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     layers = [(v.path, v.out_features) for v in model.value_layers]
     points = gather_points(model)
     key = hashlib.sha256(json.dumps({
-        "format": FORMAT, "unet": unet_digest(model.unet), "layers": layers, "points": points, "opset": OPSET,
+        "format": FORMAT, "unet": digest or unet_digest(model.unet), "layers": layers, "points": points, "opset": OPSET,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnxslim": _version("onnxslim")},
         sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) / "onnx-search"

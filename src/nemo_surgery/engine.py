@@ -16,7 +16,7 @@ from .localize.calibrate import Calibration, cache_key, calibrate, calibration_s
 from .localize.runner import Engine
 from .localize.score import PRECISIONS, Scorer
 from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
-from .model import CONTEXT, Model, load_model, select_layers
+from .model import CONTEXT, Model, load_model, select_layers, unet_digest
 
 if TYPE_CHECKING:
     from .localize.prefix import TorchPrefixUNet
@@ -63,9 +63,10 @@ def open_model(path: Path, runtime: Runtime) -> Model:
 
 def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Path | None,
                     score_prompts: int = CALIBRATION_SCORE_PROMPTS,
-                    log: Callable[[str], None] = lambda s: None) -> Calibration:
+                    log: Callable[[str], None] = lambda s: None, digest: str | None = None) -> Calibration:
+    """The cached calibration, made and saved on a miss. `digest`: see `make_scorer`."""
     ref = read_corpus(reference)
-    settings = calibration_settings(model, scorer, score_prompts)
+    settings = calibration_settings(model, scorer, score_prompts, digest)
     key = cache_key(model.fingerprint, ref.sha256, settings)
     folder = (cache_dir or default_cache_dir()) / "calibration" / key
     if (folder / "calibration.json").is_file():
@@ -90,8 +91,10 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def make_scorer(model: Model, runtime: Runtime, score: ScoreSettings = ScoreSettings(),
-                cache_dir: Path | None = None, log: Callable[[str], None] = lambda s: None) -> Scorer:
-    """The scorer of `model` on the runtime's backend (see `Runtime.backend`)."""
+                cache_dir: Path | None = None, log: Callable[[str], None] = lambda s: None,
+                digest: str | None = None) -> Scorer:
+    """The scorer of `model` on the runtime's backend (see `Runtime.backend`). `digest`: the
+    model's `unet_digest`, where the caller has it already."""
     from .localize.ort_unet import open_ort_unet, supported
 
     if runtime.backend not in BACKENDS:
@@ -100,7 +103,7 @@ def make_scorer(model: Model, runtime: Runtime, score: ScoreSettings = ScoreSett
     unet = None
     if runtime.backend == "onnxruntime" or (runtime.backend == "auto" and supported(model) is None):
         try:
-            unet = open_ort_unet(model, cache_dir or default_cache_dir(), log=log)
+            unet = open_ort_unet(model, cache_dir or default_cache_dir(), log=log, digest=digest)
         except NemoError as e:
             if runtime.backend == "onnxruntime":
                 raise
@@ -150,13 +153,15 @@ def make_engine(model: Model, reference: Path, runtime: Runtime, score: ScoreSet
                 score_prompts: int = CALIBRATION_SCORE_PROMPTS,
                 log: Callable[[str], None] = lambda s: None, theta_mem: float | None = None) -> Engine:
     """`theta_mem`: a memorization threshold to use instead of the calibrated one (recorded as given)."""
-    scorer = make_scorer(model, runtime, score, cache_dir, log)
+    # Every UNet weight hashed once: the search graph and the calibration are both keyed by it.
+    digest = unet_digest(model.unet)
+    scorer = make_scorer(model, runtime, score, cache_dir, log, digest)
     if not scorer.settings.msssim.published:
         m = scorer.settings.msssim
         log(f"note: latents of {model.unet.config.sample_size} px are too small for the published MS-SSIM "
             f"(kernel 11, 3 scales); using kernel {m.kernel_size}, sigma {m.sigma}, {m.scales} scales "
             f"(recorded in every output)")
-    cal = get_calibration(model, scorer, reference, cache_dir, score_prompts, log)
+    cal = get_calibration(model, scorer, reference, cache_dir, score_prompts, log, digest)
     if theta_mem is not None:
         log(f"theta_mem: {theta_mem:.4f} as given (the reference prompts' mean + 1 std, {cal.theta_mem:.4f}, is not used)")
         cal = replace(cal, theta_mem=float(theta_mem), theta_mem_given=True)

@@ -97,13 +97,18 @@ def value_digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _own_config(unet: nn.Module) -> dict:
+    """The UNet's config without diffusers' bookkeeping keys (`_name_or_path`: where it was loaded
+    from, `_diffusers_version`, ...): what the model is, not where it came from."""
+    return {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+
+
 def unet_digest(unet: nn.Module) -> str:
     """sha256 over the UNet's config and every tensor as held in memory. The fingerprint covers
     what a plan is checked against; the memorization score and the search graph depend on every
     UNet weight, so what caches them is keyed by this as well."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}  # not where it was loaded from
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_own_config(unet), sort_keys=True, default=str).encode())
     for name, t in unet.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
@@ -116,8 +121,7 @@ def fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
     activation signals and a plan's rows depend on. Keys every cache and output; caches of UNet
     passes (the calibration's theta_mem, the search graph) add `unet_digest`."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    h.update(canonical_json(json.loads(json.dumps(cfg, default=list))).encode())
+    h.update(canonical_json(json.loads(json.dumps(_own_config(unet), default=list))).encode())
     layers = discover_value_layers(unet)
     h.update(value_digest({v.path: unet.get_submodule(v.path).weight for v in layers}).encode())
     for name, t in sorted(text_encoder.state_dict().items()):

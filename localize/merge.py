@@ -76,7 +76,7 @@ def memorized_units(engine: Engine, records: list[dict], embeddings: dict[str, t
                     ) -> list[PromptUnits]:
     """Text embedding and unblocked noise differences of each memorized prompt (its memorized
     seeds, or all seeds for the consistency criterion), recomputed: a resumed run has them only
-    on disk as scores. `embeddings`: inputs given in embedding form (1, 77, D), by record id."""
+    on disk as scores. `embeddings`: inputs given in embedding form (1, T, D), by record id."""
     consistency = engine.search.criterion == "consistency"
     embeddings = embeddings or {}
     out = []

@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import NemoError
-from ..model import CONTEXT, Model, unet_digest
+from ..model import Model, unet_digest
 from .fused_attention import fused_attention, fused_nodes
 from .masks import ValueMasks
 from .prefix import PrefixLayout, PrefixUNet, gather_points, point_of, row_ids, same_as_diffusers
@@ -166,7 +166,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     layers = [(v.path, v.out_features) for v in model.value_layers]
     points = gather_points(model)
     key = hashlib.sha256(json.dumps({
-        "format": FORMAT, "unet": digest or unet_digest(model.unet), "layers": layers, "points": points, "opset": OPSET,
+        "format": FORMAT, "unet": digest or unet_digest(model.unet), "layers": layers, "points": points, "context": model.context, "opset": OPSET,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnxslim": _version("onnxslim")},
         sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) / "onnx-search"
@@ -182,7 +182,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g).float()
-        e = torch.randn(batch, CONTEXT, cfg.cross_attention_dim, generator=g)
+        e = torch.randn(batch, model.context, cfg.cross_attention_dim, generator=g)
         if points is None:
             return {"sample": x, "timestep": t, "encoder_hidden_states": e,
                     "value_mask": (torch.rand(batch, width, generator=g) > 0.3).float()}

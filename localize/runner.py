@@ -62,7 +62,7 @@ def process_prompt(engine: Engine, prompt: Prompt, localize: bool = True) -> dic
 def process_embedding(engine: Engine, pid: str, text: str, ptype: str | None, emb: torch.Tensor | None,
                       localize: bool = True) -> dict:
     """Detection and localization of one input: a prompt (`emb` None: its text is encoded) or a
-    prompt in embedding form (1, 77, D), such as an adversarial embedding the audit found."""
+    prompt in embedding form (1, T, D), such as an adversarial embedding the audit found."""
     t0 = time.perf_counter()
     passes0 = engine.scorer.sample_passes
     if emb is None:

@@ -17,7 +17,7 @@ import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as _msssim
 
 from ..errors import NemoError
-from ..model import CONTEXT, Model, ValueLayer
+from ..model import Model, ValueLayer
 from .masks import NeuronSet, ValueMasks
 from .settings import BATCH_SIZE, MsSsim, ScoreSettings
 
@@ -105,14 +105,14 @@ class Scorer:
     # --- text -------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.model.tokenizer
+        tok, n = self.model.tokenizer, self.model.context
         full = tok(prompts, truncation=False, padding=False).input_ids
-        long = sum(len(ids) > CONTEXT for ids in full)
+        long = sum(len(ids) > n for ids in full)
         if long:
             self.truncated_prompts += long
-            warnings.warn(f"{long} prompt(s) longer than {CONTEXT} tokens are truncated, as the text "
+            warnings.warn(f"{long} prompt(s) longer than {n} tokens are truncated, as the text "
                           f"encoder does", stacklevel=2)
-        ids = tok(prompts, padding="max_length", max_length=CONTEXT, truncation=True,
+        ids = tok(prompts, padding="max_length", max_length=n, truncation=True,
                   return_tensors="pt").input_ids.to(self.device)
         return self.model.text_encoder(ids)[0]
 
@@ -189,7 +189,7 @@ class Scorer:
             torch.set_num_threads(threads)
 
     def prompt_noise_diffs(self, emb: torch.Tensor) -> torch.Tensor:
-        """Unblocked noise differences of one prompt embedding (1, 77, D) for every seed."""
+        """Unblocked noise differences of one prompt embedding (1, T, D) for every seed."""
         return self.noise_diff(emb.expand(len(self.latents), -1, -1), self.latents)
 
     def close(self) -> None:

@@ -107,7 +107,7 @@ class PromptResult:
 class Unit:
     """One (prompt, memorized seed) whose memorization a candidate set must mitigate."""
 
-    emb: torch.Tensor  # (77, D) text embedding
+    emb: torch.Tensor  # (T, D) text embedding, T the tokenizer's context
     latent: torch.Tensor  # x_T of the seed
     d_ref: torch.Tensor  # unblocked noise difference for that seed
     offset: float = 0.0  # subtracted from the MS-SSIM: lets prompts with their own bar share a check

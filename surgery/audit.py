@@ -8,8 +8,8 @@ memorization is gone must have tried that attack. For every memorized prompt:
 - target: its training image when the corpus names one, else what the original model draws for
   it (first generation seed);
 - attack: projected gradient descent on a perturbation delta of the prompt's text embedding e,
-  ||delta|| <= budget * ||e|| (L2 over the whole 77 x D embedding), minimizing the model's
-  denoising loss on the target's latents over random timesteps and noises;
+  ||delta|| <= budget * ||e|| (L2 over the whole embedding, token positions x width), minimizing
+  the model's denoising loss on the target's latents over random timesteps and noises;
 - decision: generate from e + delta with several seeds (the sampling of verification) and count
   the target as re-triggered when it is the nearest (SSIM) of all audit targets and the corpus's
   memorized training images in more than half of the seeds, verification's generation-level test.
@@ -205,7 +205,7 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: di
                  theta_mem: float | None = None, known: dict[str, np.ndarray] | None = None
                  ) -> tuple[dict, dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """One target's record, its generations per condition, and the attacked embeddings on the
-    cleaned model per budget (77, D). `known` may hold the unperturbed prompt's generations per
+    cleaned model per budget (T, D). `known` may hold the unperturbed prompt's generations per
     model ("original", "cleaned") with the same seeds and sampling, already made by
     verification: they are not drawn again."""
     t0 = time.perf_counter()

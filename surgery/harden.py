@@ -59,7 +59,7 @@ def mean_rate(audit: dict) -> float:
 
 
 def retriggered(audit: dict, folder: Path, round_: int) -> list[tuple[str, str, torch.Tensor]]:
-    """(id, prompt, embedding (1, 77, D)) of every attacked embedding that re-triggered its
+    """(id, prompt, embedding (1, T, D)) of every attacked embedding that re-triggered its
     memorized target on the cleaned model, at any budget."""
     out = []
     for t in audit["targets"]:

@@ -383,13 +383,15 @@ def test_torch_prefix_falls_back_to_diffusers_forward(tiny, monkeypatch):
 
 
 def test_other_widths_and_latent_size(tmp_path):
-    """An SD 1.x layout of other widths, head size, text width and latent size, as a model trained
-    elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a smaller
-    window is chosen and recorded; the search graph exports, agrees with torch and takes the plain
+    """An SD 1.x layout of other widths, head size, text width, text context and latent size, as a
+    model trained elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a
+    smaller window is chosen and recorded; prompts are embedded over the model's own 32 token
+    positions, not CLIP's 77; the search graph exports, agrees with torch and takes the plain
     algorithm's decisions; the plan fits the model's layers."""
-    model = load_model(save_tiny_pipeline(tmp_path / "model", seed=4, text_dim=24, sample_size=24,
+    model = load_model(save_tiny_pipeline(tmp_path / "model", seed=4, text_dim=24, context=32, sample_size=24,
                                           widths=(16, 16, 32, 32), head_dim=4))
     assert model.latent_size == 24 and model.shapes[model.value_layers[-1].path] == (16, 24)
+    assert model.context == 32
     ref = tmp_path / "reference.txt"
     ref.write_text("\n".join(PROMPTS) + "\n")
     engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(),
@@ -397,6 +399,7 @@ def test_other_widths_and_latent_size(tmp_path):
     assert engine.scorer.settings.backend == "onnxruntime"
     m = engine.scorer.settings.msssim
     assert m == MsSsim.for_size(24) and not m.published and m.kernel_size > 3
+    assert engine.scorer.embed(["a", "b c"]).shape == (2, 32, 24)
     force_memorized(engine)
     got = assert_plain_decisions(engine, "official portrait of astronaut eileen collins")
     assert got.refined and set(got.refined) <= {v.path for v in engine.layers}

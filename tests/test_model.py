@@ -98,7 +98,7 @@ def test_missing_part_and_corrupt_weights(tmp_path, tiny_dir):
 def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
     """An SDXL-style UNet (added text/size conditions), a UNet whose cross-attention width is not
     the text encoder's, an inpainting-style UNet, a VAE of other latent channels, a text encoder
-    shorter than CLIP's context: one line naming it when the model is loaded, not a shape error
+    shorter than the tokenizer's context: one line naming it when the model is loaded, not a shape error
     mid-run."""
     import shutil
 
@@ -113,13 +113,19 @@ def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
             ("mixed", "unet", tiny_unet("sd1", text_dim=24), r"text encoder's width \(16\).*width \(24\)"),
             ("inpaint", "unet", inpaint, "takes 9 input channels and predicts 4"),
             ("vae", "vae", vae, "VAE's 3 latent channels do not match the UNet's 4"),
-            ("short", "text_encoder", CLIPTextModel(short), "holds 64 token positions")):
+            ("short", "text_encoder", CLIPTextModel(short), "pads prompts to 77 tokens but the text encoder holds 64")):
         d = tmp_path / name
         shutil.copytree(tiny_dir, d)
         shutil.rmtree(d / part)
         module.save_pretrained(d / part)
         with pytest.raises(NemoError, match=match):
             load_model(d)
+    d = tmp_path / "no_length"  # a tokenizer that pads to no length of its own
+    shutil.copytree(tiny_dir, d)
+    cfg = d / "tokenizer" / "tokenizer_config.json"
+    cfg.write_text(json.dumps({k: v for k, v in json.loads(cfg.read_text()).items() if "max_length" not in k}))
+    with pytest.raises(NemoError, match="the tokenizer sets no model_max_length"):
+        load_model(d)
 
 
 def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):

@@ -45,14 +45,15 @@ def tiny_unet(kind: str = "sd1", seed: int = 0, text_dim: int = 16, sample_size:
 
 
 def save_tiny_pipeline(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       safe_serialization: bool = True, text_dim: int = 16, **unet: object) -> Path:
+                       safe_serialization: bool = True, text_dim: int = 16, context: int = 77, **unet: object) -> Path:
     """A complete SD 1.x-layout diffusers folder (random weights) that loads with
-    StableDiffusionPipeline.from_pretrained; tokenizer borrowed from the bundled demo. `unet`:
-    `tiny_unet`'s shape arguments (sample_size, widths, head_dim)."""
-    tok = CLIPTokenizer.from_pretrained(DEMO_MODEL / "tokenizer", model_max_length=77)
+    StableDiffusionPipeline.from_pretrained; tokenizer borrowed from the bundled demo, padding to
+    `context` tokens (CLIP's 77 by default). `unet`: `tiny_unet`'s shape arguments (sample_size,
+    widths, head_dim)."""
+    tok = CLIPTokenizer.from_pretrained(DEMO_MODEL / "tokenizer", model_max_length=context)
     torch.manual_seed(seed)
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim,
-                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=context,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

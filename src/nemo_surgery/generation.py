@@ -53,7 +53,7 @@ def generate(model: Model, prompts: list[str], settings: GenSettings = GenSettin
 
 
 def encode(model: Model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeddings (N, 77, D), the empty prompt's embedding (1, 77, D)) exactly as the
+    """(prompt embeddings (N, T, D), the empty prompt's embedding (1, T, D)) exactly as the
     pipeline computes them, so that sampling from embeddings matches sampling from text."""
     pipe = pipeline(model)
     with torch.no_grad():

@@ -152,6 +152,12 @@ class Model:
         return {v.path: (v.out_features, v.in_features) for v in self.value_layers}
 
     @property
+    def context(self) -> int:
+        """Token positions of every prompt embedding: what the tokenizer pads prompts to, as the
+        pipeline does (CLIP's 77 on Stable Diffusion; `check_context` holds it to the encoder's)."""
+        return int(self.tokenizer.model_max_length) if self.tokenizer is not None else CONTEXT
+
+    @property
     def latent_size(self) -> int:
         s = self.unet.config.sample_size
         return int(s if isinstance(s, int) else s[0])
@@ -244,14 +250,13 @@ def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
             dict(pipe.scheduler.config), stored)
 
 
-CONTEXT = 77  # CLIP's context: the token positions every embedding here has
+CONTEXT = 77  # CLIP's context, Stable Diffusion's; a model's own is its tokenizer's (`Model.context`)
 
 
 def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any | None) -> None:
     """The parts must fit together as a text-to-image SD 1.x/2.x model, as NeMo's signals assume:
     the UNet conditioned on this text encoder's output alone (an SDXL-style UNet also takes pooled
-    text and size conditions from a second encoder), over CLIP's 77 positions, denoising latents
-    of the VAE's channels into as many (an inpainting UNet takes the masked image as well)."""
+    text and size conditions from a second encoder), denoising latents of the VAE's channels into as many (an inpainting UNet takes the masked image as well)."""
     extra = {k: unet_config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
              if unet_config.get(k) is not None}
     if extra:
@@ -264,10 +269,6 @@ def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any 
     if widths != {width}:
         raise NemoError(f"{path}: the text encoder's width ({width}) does not match the UNet's cross-attention "
                         f"width ({', '.join(map(str, sorted(widths)))}): the parts come from different models")
-    positions = getattr(text_config, "max_position_embeddings", CONTEXT)
-    if positions < CONTEXT:
-        raise NemoError(f"{path}: the text encoder holds {positions} token positions; Stable Diffusion's "
-                        f"signals are read over CLIP's {CONTEXT}")
     c_in, c_out = unet_config.get("in_channels"), unet_config.get("out_channels")
     if c_in != c_out:
         raise NemoError(f"{path}: the UNet takes {c_in} input channels and predicts {c_out} (an inpainting or "
@@ -276,6 +277,20 @@ def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any 
     if latent != c_in:
         raise NemoError(f"{path}: the VAE's {latent} latent channels do not match the UNet's {c_in}: "
                         f"the parts come from different models")
+
+
+def check_context(path: Path, tokenizer: Any, text_config: Any) -> None:
+    """The tokenizer pads every prompt to its `model_max_length` (the pipeline does so too), so the
+    text encoder must hold that many positions. Models trained with a shorter context than CLIP's 77
+    are fine; a tokenizer without a length, or one longer than the encoder, is not."""
+    n = getattr(tokenizer, "model_max_length", None)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n > 100_000:
+        raise NemoError(f"{path}: the tokenizer sets no model_max_length (tokenizer/tokenizer_config.json); "
+                        f"Stable Diffusion pads prompts to the text encoder's {positions or CONTEXT} positions")
+    if positions is not None and n > positions:
+        raise NemoError(f"{path}: the tokenizer pads prompts to {n} tokens but the text encoder holds "
+                        f"{positions} positions: the parts come from different models")
 
 
 def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
@@ -307,6 +322,7 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NemoError(f"{path}: cannot load model ({first})") from None
     check_parts(path, unet.config, text_encoder.config, vae.config if vae is not None else None)
+    check_context(path, tokenizer, text_encoder.config)
     stored = stored or str(next(unet.parameters()).dtype).replace("torch.", "")
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)

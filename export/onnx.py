@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import NemoError
 from ..files import atomic_dir
+from ..model import weight_variant
 
 CHECK_BATCH = 2
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it, since the graph adds
@@ -67,8 +68,9 @@ def _load(cls: Any, model_dir: Path, sub: str, part: str, **kwargs: Any) -> Any:
     folder = Path(model_dir) / sub
     if not folder.is_dir():
         raise NemoError(f"{model_dir}: no {sub}/ folder, cannot export the {part}")
+    variant = weight_variant(folder)
     try:
-        m = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, **kwargs)
+        m = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, variant=variant, **kwargs)
     except Exception as e:  # library errors vary by version; the user needs one line
         raise NemoError(f"{folder}: cannot load the {part} ({_one_line(e)})") from None
     # fp32 on CPU: the check compares against torch, and fp16 CPU kernels are neither complete

@@ -128,6 +128,40 @@ def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
         load_model(d)
 
 
+def test_weights_saved_only_as_a_variant_load_as_saved(tmp_path, tiny_dir):
+    """A folder saved with `save_pretrained(variant="fp16")` (the fp16 copies hub repositories ship)
+    loads as it was saved, its stored dtype read from the file (diffusers upcasts on load), and its
+    surgery writes the same layout, which loads again; two variants and no plain weight set are
+    refused in one line."""
+    import shutil
+
+    from nemo_surgery.plan import Plan
+    from nemo_surgery.surgery import apply_plan
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True, torch_dtype=torch.float16)
+    d = tmp_path / "fp16"
+    pipe.save_pretrained(d, variant="fp16")
+    assert (d / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (d / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    m = load_model(d)
+    assert m.stored_dtype == "float16" and len(m.value_layers) == 16
+    # the same values as the fp32 original, rounded to fp16
+    ref = load_model(tiny_dir)
+    path = m.value_layers[0].path
+    assert torch.equal(m.to_v(path).weight, ref.to_v(path).weight.half().float())
+    assert ref.stored_dtype == "float32"
+    assert load_model(save_tiny_pipeline(tmp_path / "plain16", dtype=torch.float16)).stored_dtype == "float16"
+    apply_plan(Plan(layers={path: [0, 3]}, model={"value_digest": m.value_digest}), d, tmp_path / "cleaned")
+    assert sorted(f.name for f in (tmp_path / "cleaned" / "unet").iterdir()) == sorted(f.name for f in (d / "unet").iterdir())
+    w = load_model(tmp_path / "cleaned").to_v(path).weight
+    assert bool((w[[0, 3]] == 0).all()) and torch.equal(w[1:3], m.to_v(path).weight[1:3])
+    two = tmp_path / "two"
+    shutil.copytree(d, two)
+    shutil.copy(two / "unet" / "diffusion_pytorch_model.fp16.safetensors", two / "unet" / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(NemoError, match="weights saved only as variants ema, fp16"):
+        load_model(two)
+
+
 def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):
     import shutil
 

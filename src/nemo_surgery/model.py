@@ -179,6 +179,42 @@ def _weight_files(part_dir: Path) -> tuple[list[Path], list[Path]]:
     return safe, pickled
 
 
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def weight_variant(part_dir: Path) -> str | None:
+    """The variant (`fp16`, `ema`, ...) a part's safetensors weights carry in their file names when
+    they were saved only that way (`save_pretrained(variant="fp16")`, as hub repositories ship fp16
+    copies), so that they load as saved; None where the plain weights are there. More than one
+    variant and no plain set is refused: surgery edits one weight set and must not ship another."""
+    part_dir = Path(part_dir)
+    stem = WEIGHT_STEMS.get(part_dir.name, "diffusion_pytorch_model")
+    names = {p.name for p in part_dir.iterdir() if p.is_file()}
+    if f"{stem}.safetensors" in names or f"{stem}.safetensors.index.json" in names:
+        return None
+    s = re.escape(stem)
+    pat = re.compile(rf"^{s}\.(\w+?)(?:-\d+-of-\d+)?\.safetensors$|^{s}\.safetensors\.index\.(\w+)\.json$")
+    found = sorted({m.group(1) or m.group(2) for n in names if (m := pat.match(n))})
+    if len(found) > 1:
+        raise NemoError(f"{part_dir}: weights saved only as variants {', '.join(found)}; keep one weight set "
+                        f"so no unedited copy ships")
+    return found[0] if found else None
+
+
+def _stored_dtype(unet_dir: Path) -> str | None:
+    """The dtype the UNet's value weights are stored in, from the safetensors headers of the weight
+    set that loads (diffusers upcasts fp16 files to fp32 on load, so the module cannot tell)."""
+    variant = weight_variant(unet_dir)
+    stem = WEIGHT_STEMS["unet"] + (f".{variant}" if variant else "")
+    pat = re.compile(rf"^{re.escape(stem)}(-\d+-of-\d+)?\.safetensors$")
+    for f in sorted(unet_dir.iterdir()):
+        if pat.match(f.name):
+            for key, entry in read_header(f).tensors.items():
+                if key.endswith(f"{VALUE_SUFFIX}.weight"):
+                    return ST_DTYPE_NAMES.get(entry.dtype, entry.dtype.lower())
+    return None
+
+
 def check_model_folder(path: Path, allow_pickle: bool = False, parts: tuple[str, ...] = REQUIRED_PARTS) -> None:
     """Everything that can be said about a folder before loading it, as one-line errors."""
     path = Path(path)
@@ -310,10 +346,15 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
         if path.is_file():
             unet, text_encoder, tokenizer, vae, scheduler_config, stored = _load_single_file(path, config, with_vae)
         else:
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_st, **kw)
-            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=use_st, **kw)
+            def part(cls: Any, name: str) -> Any:
+                return cls.from_pretrained(path / name, use_safetensors=use_st, variant=weight_variant(path / name), **kw)
+
+            stored = _stored_dtype(path / "unet")
+
+            unet = part(UNet2DConditionModel, "unet")
+            text_encoder = part(CLIPTextModel, "text_encoder")
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
-            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_st, **kw) if with_vae else None
+            vae = part(AutoencoderKL, "vae") if with_vae else None
             sched_file = path / "scheduler" / "scheduler_config.json"
             scheduler_config = json.loads(sched_file.read_text())
     except NemoError:

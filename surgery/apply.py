@@ -118,6 +118,13 @@ def apply_plan(plan: Plan, model: Path, out: Path, *, fmt: str | None = None,
 
 # --- reading the input ---------------------------------------------------------------------------
 
+def check_checkpoint(model: Path) -> None:
+    """Raise what `apply_plan` would refuse about `model` (pickle files, a second UNet weight set,
+    no value weights), from the safetensors headers alone: said before a build spends its hours
+    localizing on a checkpoint it could not edit."""
+    _open_checkpoint(Path(model))
+
+
 def _refuse_pickle(path: Path) -> None:
     raise NemoError(f"{path}: pickle weights are refused (they can run code when loaded, and a "
                     f"copy would ship unedited); convert to safetensors or remove the file")

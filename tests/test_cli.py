@@ -148,6 +148,22 @@ def test_build_refuses_existing_output(tmp_path, tiny_model):
                            "--out", str(out)), "exists", "--force")
 
 
+def test_build_refuses_a_checkpoint_it_could_not_edit_before_any_work(tmp_path, tiny_model):
+    """A hub snapshot often holds the UNet twice (plain and an fp16 variant): surgery refuses to
+    ship an unedited copy, and build says so before calibrating, not after hours of localization."""
+    import shutil
+
+    m = tmp_path / "two_sets"
+    shutil.copytree(tiny_model, m)
+    shutil.copy(m / "unet" / "diffusion_pytorch_model.safetensors", m / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    proc = run("build", "--model", str(m), "--corpus", str(ref), "--reference", str(ref), "--out", str(tmp_path / "o"),
+               "--cache-dir", str(tmp_path / "cache"))
+    assert_clean_error(proc, "more than one UNet weight file", "remove variant files")
+    assert "calibrat" not in proc.stderr + proc.stdout and not (tmp_path / "cache").exists()
+
+
 def test_bad_flags_end_in_one_line():
     assert_clean_error(run("build", "--seeds", "x"), "nemo-surgery build", "--seeds")
     assert_clean_error(run("build"), "Missing option '--model'")

@@ -108,6 +108,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     corpus = read_corpus(opts.corpus, allow_outside_images=opts.allow_outside_images)
     log(f"== corpus: {len(corpus.prompts)} prompts from {opts.corpus}"
         + (f" ({len(corpus.duplicates)} duplicates skipped)" if corpus.duplicates else ""))
+    from .surgery.apply import check_checkpoint
+
+    check_checkpoint(opts.model)
     model = open_model(opts.model, opts.runtime)
     log(f"== model: {opts.model} ({len(model.value_layers)} value layers, fingerprint {model.fingerprint[:12]})")
     cache = opts.cache_dir or work / "cache"

@@ -166,7 +166,8 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     layers = [(v.path, v.out_features) for v in model.value_layers]
     points = gather_points(model)
     key = hashlib.sha256(json.dumps({
-        "format": FORMAT, "unet": digest or unet_digest(model.unet), "layers": layers, "points": points, "context": model.context, "opset": OPSET,
+        "format": FORMAT, "unet": digest or unet_digest(model.unet), "layers": layers, "points": points,
+        "context": model.context, "opset": OPSET,
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnxslim": _version("onnxslim")},
         sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) / "onnx-search"

@@ -180,6 +180,7 @@ def _weight_files(part_dir: Path) -> tuple[list[Path], list[Path]]:
 
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+ST_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def weight_variant(part_dir: Path) -> str | None:
@@ -261,9 +262,6 @@ def check_config_folder(path: Path) -> None:
             raise NemoError(f"{path}: --model-config folder is missing {need}")
 
 
-ST_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
     """UNet, text encoder, tokenizer, VAE, scheduler config and the value weights' stored dtype of
     an original (LDM-keyed) single-file checkpoint, converted by diffusers' own
@@ -292,7 +290,8 @@ CONTEXT = 77  # CLIP's context, Stable Diffusion's; a model's own is its tokeniz
 def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any | None) -> None:
     """The parts must fit together as a text-to-image SD 1.x/2.x model, as NeMo's signals assume:
     the UNet conditioned on this text encoder's output alone (an SDXL-style UNet also takes pooled
-    text and size conditions from a second encoder), denoising latents of the VAE's channels into as many (an inpainting UNet takes the masked image as well)."""
+    text and size conditions from a second encoder), denoising latents of the VAE's channels into
+    as many (an inpainting UNet takes the masked image as well)."""
     extra = {k: unet_config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
              if unet_config.get(k) is not None}
     if extra:
@@ -350,7 +349,6 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
                 return cls.from_pretrained(path / name, use_safetensors=use_st, variant=weight_variant(path / name), **kw)
 
             stored = _stored_dtype(path / "unet")
-
             unet = part(UNet2DConditionModel, "unet")
             text_encoder = part(CLIPTextModel, "text_encoder")
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)

@@ -138,7 +138,7 @@ def test_weights_saved_only_as_a_variant_load_as_saved(tmp_path, tiny_dir):
     from nemo_surgery.plan import Plan
     from nemo_surgery.surgery import apply_plan
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True, torch_dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True, dtype=torch.float16)
     d = tmp_path / "fp16"
     pipe.save_pretrained(d, variant="fp16")
     assert (d / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()

@@ -133,9 +133,8 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
 
 def calibration_settings(model: Model, scorer: Scorer, score_prompts: int, digest: str | None = None) -> dict:
     """What a calibration depends on besides the fingerprint and the reference file (its cache key):
-    the score settings, how many reference prompts are scored, every UNet weight (theta_mem
-    comes from UNet passes; the fingerprint covers only the value layers among them) and the token
-    positions prompts are padded to (the activations are means over them). `digest`: the model's
-    `unet_digest`, where the caller has it already."""
-    return scorer.settings.to_dict() | {"score_prompts": score_prompts, "context": model.context,
+    the score settings, how many reference prompts are scored, and every UNet weight (theta_mem
+    comes from UNet passes; the fingerprint covers only the value layers among them). `digest`:
+    the model's `unet_digest`, where the caller has it already."""
+    return scorer.settings.to_dict() | {"score_prompts": score_prompts,
                                         "unet_digest": digest or unet_digest(model.unet)}

@@ -229,7 +229,7 @@ def test_calibration_statistics_and_cache(tiny):
     other = dataclasses.replace(model, unet=copy.deepcopy(model.unet))
     with torch.no_grad():
         other.unet.conv_in.weight.add_(1e-3)
-    assert fingerprint(other.unet, other.text_encoder) == model.fingerprint
+    assert fingerprint(other.unet, other.text_encoder, other.tokenizer) == model.fingerprint
     assert cache_key(model.fingerprint, cal.reference_sha256, calibration_settings(other, engine.scorer, n)) != cal.key()
 
 

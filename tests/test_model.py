@@ -180,3 +180,22 @@ def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):
     # the config is part of it too
     cfg = json.loads((edited / "unet" / "config.json").read_text())
     assert cfg["cross_attention_dim"] == 16
+    # and the tokenizer, which decides the token ids the text encoder sees: a vocabulary with two
+    # words swapped, or another padded length, is another model with the same weights
+    tok = tmp_path / "tokenizer_edited"
+    shutil.copytree(tiny_dir, tok)
+    tj = tok / "tokenizer" / "tokenizer.json"
+    spec = json.loads(tj.read_text())
+    vocab = spec["model"]["vocab"]
+    words = sorted(vocab, key=vocab.get)
+    a_word, b_word = words[300], words[301]
+    vocab[a_word], vocab[b_word] = vocab[b_word], vocab[a_word]
+    tj.write_text(json.dumps(spec))
+    d = load_model(tok)
+    assert d.tokenizer.convert_tokens_to_ids(a_word) == vocab[a_word]  # the edit took
+    assert d.fingerprint != a.fingerprint and d.value_digest == a.value_digest
+    tcfg = tok / "tokenizer" / "tokenizer_config.json"
+    shutil.copytree(tiny_dir / "tokenizer", tok / "tokenizer", dirs_exist_ok=True)
+    tcfg.write_text(json.dumps(json.loads(tcfg.read_text()) | {"model_max_length": 64}))
+    e = load_model(tok)
+    assert e.context == 64 and e.fingerprint not in (a.fingerprint, d.fingerprint)

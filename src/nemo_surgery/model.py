@@ -116,11 +116,29 @@ def unet_digest(unet: nn.Module) -> str:
     return h.hexdigest()
 
 
-def fingerprint(unet: nn.Module, text_encoder: nn.Module) -> str:
-    """sha256 over the UNet config, the value-layer weights and the text-encoder weights: what the
-    activation signals and a plan's rows depend on. Keys every cache and output; caches of UNet
-    passes (the calibration's theta_mem, the search graph) add `unet_digest`."""
+def _tokenizer_json(tokenizer: Any) -> str:
+    """What decides the token ids a prompt gets and how many there are: the vocabulary, the merges
+    and the padded length. Merges are spelled one way ("a b"), whichever way the tokenizers
+    library writes them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        bpe = json.loads(backend.to_str()).get("model", {})
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges") or []]
+        what: dict[str, Any] = {"vocab": bpe.get("vocab"), "merges": merges}
+    else:
+        what = {"vocab": tokenizer.get_vocab()}
+    what["model_max_length"] = int(tokenizer.model_max_length)
+    return canonical_json(what)
+
+
+def fingerprint(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any = None) -> str:
+    """sha256 over the UNet config, the value-layer weights, the text-encoder weights and the
+    tokenizer: what the activation signals and a plan's rows depend on. Keys every cache and
+    output; caches of UNet passes (the calibration's theta_mem, the search graph) add
+    `unet_digest`."""
     h = hashlib.sha256()
+    if tokenizer is not None:
+        h.update(b"tokenizer\0" + _tokenizer_json(tokenizer).encode())
     h.update(canonical_json(json.loads(json.dumps(_own_config(unet), default=list))).encode())
     layers = discover_value_layers(unet)
     h.update(value_digest({v.path: unet.get_submodule(v.path).weight for v in layers}).encode())
@@ -366,7 +384,7 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     layers = discover_value_layers(unet)
-    fp = fingerprint(unet, text_encoder)
+    fp = fingerprint(unet, text_encoder, tokenizer)
     vd = value_digest({v.path: unet.get_submodule(v.path).weight for v in layers})
     unet.to(device=device, dtype=dtype)
     text_encoder.to(device=device, dtype=dtype)

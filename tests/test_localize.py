@@ -383,20 +383,20 @@ def test_torch_prefix_falls_back_to_diffusers_forward(tiny, monkeypatch):
 
 
 def test_other_widths_and_latent_size(tmp_path):
-    """An SD 1.x layout of other widths, head size, text width, text context and latent size, as a
-    model trained elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a
+    """An SD 1.x layout of other widths, head size, blocks per level, text width, text context and
+    latent size, as a model trained elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a
     smaller window is chosen and recorded; prompts are embedded over the model's own 32 token
     positions, not CLIP's 77; the search graph exports, agrees with torch and takes the plain
     algorithm's decisions; the plan fits the model's layers."""
     model = load_model(save_tiny_pipeline(tmp_path / "model", seed=4, text_dim=24, context=32, sample_size=24,
-                                          widths=(16, 16, 32, 32), head_dim=4))
+                                          widths=(16, 16, 32, 32), head_dim=4, layers=1))
     assert model.latent_size == 24 and model.shapes[model.value_layers[-1].path] == (16, 24)
-    assert model.context == 32
+    assert model.context == 32 and len(model.value_layers) == 10  # down 3, mid 1, up 6
     ref = tmp_path / "reference.txt"
     ref.write_text("\n".join(PROMPTS) + "\n")
     engine = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), SearchSettings(),
                          cache_dir=tmp_path / "cache")
-    assert engine.scorer.settings.backend == "onnxruntime"
+    assert engine.scorer.settings.backend == "onnxruntime" and len(engine.layers) == 4  # official: down, mid
     m = engine.scorer.settings.msssim
     assert m == MsSsim.for_size(24) and not m.published and m.kernel_size > 3
     assert engine.scorer.embed(["a", "b c"]).shape == (2, 32, 24)

@@ -384,10 +384,10 @@ def test_torch_prefix_falls_back_to_diffusers_forward(tiny, monkeypatch):
 
 def test_other_widths_and_latent_size(tmp_path):
     """An SD 1.x layout of other widths, head size, blocks per level, text width, text context and
-    latent size, as a model trained elsewhere would have: 24 px latents are too small for the published MS-SSIM, so a
-    smaller window is chosen and recorded; prompts are embedded over the model's own 32 token
-    positions, not CLIP's 77; the search graph exports, agrees with torch and takes the plain
-    algorithm's decisions; the plan fits the model's layers."""
+    latent size, as a model trained elsewhere would have: 24 px latents are too small for the
+    published MS-SSIM, so a smaller window is chosen and recorded; prompts are embedded over the
+    model's own 32 token positions, not CLIP's 77; the search graph exports, agrees with torch and
+    takes the plain algorithm's decisions; the plan fits the model's layers."""
     model = load_model(save_tiny_pipeline(tmp_path / "model", seed=4, text_dim=24, context=32, sample_size=24,
                                           widths=(16, 16, 32, 32), head_dim=4, layers=1))
     assert model.latent_size == 24 and model.shapes[model.value_layers[-1].path] == (16, 24)

@@ -194,8 +194,8 @@ def test_fingerprint_stable_and_sensitive_to_one_row(tmp_path, tiny_dir):
     d = load_model(tok)
     assert d.tokenizer.convert_tokens_to_ids(a_word) == vocab[a_word]  # the edit took
     assert d.fingerprint != a.fingerprint and d.value_digest == a.value_digest
+    shutil.copytree(tiny_dir / "tokenizer", tok / "tokenizer", dirs_exist_ok=True)  # the vocabulary as it was
     tcfg = tok / "tokenizer" / "tokenizer_config.json"
-    shutil.copytree(tiny_dir / "tokenizer", tok / "tokenizer", dirs_exist_ok=True)
     tcfg.write_text(json.dumps(json.loads(tcfg.read_text()) | {"model_max_length": 64}))
     e = load_model(tok)
     assert e.context == 64 and e.fingerprint not in (a.fingerprint, d.fingerprint)

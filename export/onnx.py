@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import NemoError
-from ..files import atomic_dir
+from ..files import atomic_dir, check_apart
 from ..model import weight_variant
 
 CHECK_BATCH = 2
@@ -306,6 +306,7 @@ def export_unet(model_dir: Path, out: Path, *, opset: int = 17, check: bool = Tr
     size (weights over 2 GiB go to `model.onnx.data`), True/False force it."""
     from diffusers import UNet2DConditionModel
 
+    check_apart(Path(out) / "unet", model=model_dir)
     unet = _load(UNet2DConditionModel, model_dir, "unet", "UNet", torch_dtype=torch.float32)
     cfg = unet.config
     if cfg.class_embed_type is not None or cfg.addition_embed_type not in (None, "text_time"):
@@ -341,6 +342,7 @@ def export_text_encoder(model_dir: Path, out: Path, *, opset: int = 17, check: b
     outputs last_hidden_state, pooler_output)."""
     from transformers import CLIPTextModel
 
+    check_apart(Path(out) / "text_encoder", model=model_dir)
     te = _load(CLIPTextModel, model_dir, "text_encoder", "text encoder")
     cfg = te.config
     seq = int(cfg.max_position_embeddings)
@@ -368,6 +370,7 @@ def export_vae_decoder(model_dir: Path, out: Path, *, opset: int = 17, check: bo
     latent_sample, unscaled; output sample)."""
     from diffusers import AutoencoderKL
 
+    check_apart(Path(out) / "vae_decoder", model=model_dir)
     vae = _load(AutoencoderKL, model_dir, "vae", "VAE decoder", torch_dtype=torch.float32)
     cfg = vae.config
     down = 2 ** (len(cfg.block_out_channels) - 1)

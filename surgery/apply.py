@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import NemoError
-from ..files import TMP_PREFIX, atomic_dir, atomic_path, canonical_json
+from ..files import TMP_PREFIX, atomic_dir, atomic_path, canonical_json, check_apart, output_path
 from ..model import PICKLE_SUFFIXES, VALUE_SUFFIX, value_digest
 from ..plan import Plan
 from ..safetensors_io import Header, TensorEntry, encode_header, read_header
@@ -69,7 +69,7 @@ def apply_plan(plan: Plan, model: Path, out: Path, *, fmt: str | None = None,
     plan's rows zeroed. Everything is checked before anything is written; the input is only read;
     `out` appears complete or not at all."""
     start = time.perf_counter()
-    model, out = Path(model), Path(out)
+    model, out = Path(model), output_path(out)
     ckpt = _open_checkpoint(model)
     fmt = ckpt.kind if fmt is None else fmt
     if fmt not in FORMATS:
@@ -225,9 +225,7 @@ def _read_index(index: Path, headers: dict[Path, Header]) -> set[str]:
 # --- checks before writing -----------------------------------------------------------------------
 
 def _check_out(model: Path, out: Path, kind: str, force: bool) -> None:
-    src, dst = model.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise NemoError(f"{out}: output must lie outside the input {model} (the input is never modified)")
+    check_apart(out, input=model)
     if kind == "single" and out.suffix != ".safetensors":
         raise NemoError(f"{out}: a single-file output must end in .safetensors")
     if out.exists() or out.is_symlink():

@@ -148,6 +148,52 @@ def test_build_refuses_existing_output(tmp_path, tiny_model):
                            "--out", str(out)), "exists", "--force")
 
 
+def test_an_output_that_is_or_holds_an_input_is_refused(tmp_path, tiny_model, monkeypatch):
+    """`--out` naming the model (with --force, build would replace it by the bundle), a folder
+    holding it, a path inside it, the corpus (--restart would empty it) or the results merge reads:
+    each is refused before anything is written, and the inputs stay as they were."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    corpus = tmp_path / "mem.txt"
+    corpus.write_text("a red circle\na blue square\n")
+    results = tmp_path / "results.jsonl"
+    results.write_text("")
+    images = tmp_path / "data"
+    (images / "images").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(images / "images" / "red.png")
+    with_images = images / "mem.csv"
+    with_images.write_text("caption,image\na red circle,images/red.png\n")
+    before = {p: tree_hash(p) for p in (model, corpus, results, images)}
+    common = ["--reference", str(corpus), "--cache-dir", str(tmp_path / "cache")]
+    cases = [
+        (["build", "--model", str(model), "--corpus", str(corpus), "--out", str(model), "--force"], "model"),
+        (["build", "--model", str(model), "--corpus", str(corpus), "--out", str(model / "release")], "model"),
+        (["build", "--model", str(model), "--corpus", str(corpus), "--out", str(tmp_path), "--force"], "model"),
+        (["build", "--model", str(model), "--corpus", str(with_images), "--out", str(images / "images"), "--force"],
+         "training images"),
+        (["detect", "--model", str(model), "--corpus", str(corpus), "--out", str(corpus), "--restart"], "corpus"),
+        (["localize", "--model", str(model), "--corpus", str(corpus), "--out", str(model / "r.jsonl")], "model"),
+        (["merge", "--model", str(model), "--corpus", str(corpus), "--results", str(results), "--out", str(results)],
+         "results"),
+        (["calibrate", "--model", str(model), "--out", str(corpus)], "reference prompts"),
+        (["export", "--model", str(model), "--out", str(model)], "model"),
+    ]
+    for args, what in cases:
+        extra = [] if args[0] == "export" else common
+        assert_clean_error(run(*args, *extra), "output must lie outside the" if what != "training images"
+                           else "must not hold the corpus's training images", what)
+    # `--out .` has no name to hang the work folder on: it is resolved, not a traceback.
+    monkeypatch.chdir(tmp_path)
+    assert_clean_error(run("build", "--model", "model", "--corpus", str(corpus), "--out", ".", *common),
+                       str(tmp_path), "model")
+    assert {p: tree_hash(p) for p in before} == before
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("*.work"))
+
+
 def test_build_refuses_a_checkpoint_it_could_not_edit_before_any_work(tmp_path, tiny_model):
     """A hub snapshot often holds the UNet twice (plain and an fp16 variant): surgery refuses to
     ship an unedited copy, and build says so before calibrating, not after hours of localization."""

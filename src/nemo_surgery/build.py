@@ -24,7 +24,7 @@ from .corpus import evenly_spaced, read_corpus
 from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
 from .generation import GenSettings
-from .files import atomic_dir, clean_stale_tmp, write_json_atomic
+from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
 from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.distributed import RaySettings, ray_stream
 from .localize.runner import records_digest, run_corpus
@@ -78,8 +78,18 @@ class BuildSummary:
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> BuildSummary:
-    out = Path(opts.out)
+    out = output_path(opts.out)
     work = out.with_name(out.name + ".work")
+    inputs = {"model": opts.model, "corpus": opts.corpus, "reference prompts": opts.reference,
+              "model config": opts.runtime.model_config, "control images": opts.control_images}
+    for o in (out, work):
+        check_apart(o, **inputs)
+    corpus = read_corpus(opts.corpus, allow_outside_images=opts.allow_outside_images)
+    held = out.resolve()
+    for prompt in corpus.prompts:
+        # --force replaces `out` whole: it must not hold the training images verification reads.
+        if prompt.image is not None and held in prompt.image.parents:
+            raise NemoError(f"{out}: output must not hold the corpus's training images ({prompt.image})")
     if out.exists() and not opts.force:
         raise NemoError(f"{out}: output folder exists (pass --force to replace it)")
     if out.exists() and not out.is_dir():
@@ -105,7 +115,6 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     if opts.onnx and Path(opts.model).is_file():
         raise NemoError(f"{opts.model}: --onnx needs a diffusers folder input (export the single file's bundle "
                         f"with 'nemo-surgery export' after converting it)")
-    corpus = read_corpus(opts.corpus, allow_outside_images=opts.allow_outside_images)
     log(f"== corpus: {len(corpus.prompts)} prompts from {opts.corpus}"
         + (f" ({len(corpus.duplicates)} duplicates skipped)" if corpus.duplicates else ""))
     from .surgery.apply import check_checkpoint

@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import NemoError
+from .files import check_apart, output_path
 
 
 def log(msg: str) -> None:
@@ -271,6 +272,8 @@ def _engine(model, reference, runtime, seeds, timestep_index, calibration_prompt
 @handle_errors
 def calibrate(model, reference, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem, runtime, out):
     """Per-neuron activation statistics and theta_mem from non-memorized reference prompts."""
+    if out:
+        check_apart(out, model=model, reference_prompts=reference)
     eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, theta_mem)
     if out:
@@ -294,6 +297,7 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
+    check_apart(out, model=model, corpus=corpus, reference_prompts=reference)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, theta_mem)
@@ -316,6 +320,7 @@ def localize(model, corpus, out, restart, allow_outside_images, ray_address, wor
     from .corpus import read_corpus
     from .localize.runner import run_corpus
 
+    check_apart(out, model=model, corpus=corpus, reference_prompts=reference)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     eng = _engine(model, reference, runtime, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem,
                   search)
@@ -359,6 +364,10 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
     from .localize.merge import MergeSettings, make_plan
     from .localize.runner import make_header, open_results
 
+    out = output_path(out)
+    journal = out.with_name(out.name + ".prune.json")
+    for o in (out, journal):
+        check_apart(o, model=model, corpus=corpus, results=results, reference_prompts=reference)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     if not Path(results).is_file():  # before calibrating, which can take minutes
         raise NemoError(f"{results}: results file not found (run 'nemo-surgery localize' first)")
@@ -371,7 +380,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
                         f"run 'nemo-surgery localize' again to finish")
     # An interrupted pruning resumes from its journal beside the plan.
     plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log,
-                     journal=out.with_name(out.name + ".prune.json"))
+                     journal=journal)
     plan.save(out)
     ch = plan.check
     log(f"plan: {ch['union_neurons']} neurons in the union (mitigates {ch['union_mitigated_share']:.0%}), "
@@ -466,6 +475,10 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 
     settings = _audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
                                sample_steps)
+    partial = Path(str(out) + ".partial.jsonl")
+    for o in (out, partial):
+        check_apart(o, original=original, cleaned=cleaned, corpus=corpus, results=results,
+                    reference_prompts=reference, control_images=control_images)
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     if results is not None and not Path(results).is_file():  # before calibrating, as merge does
         raise NemoError(f"{results}: no such results file")
@@ -487,7 +500,6 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
     ref = read_corpus(reference).prompts
     scorers = {"original": eng.scorer, "cleaned": Scorer(clean, eng.scorer.settings, runtime.batch_size,
                                                         eng.scorer.autocast_dtype)}
-    partial = Path(str(out) + ".partial.jsonl")
     result, _ = run_audit(eng.model, clean, mem, [p.text for p in ref], eng.calibration.reference_scores,
                           calibration_prompts, partial, settings, theta_mem=eng.calibration.theta_mem,
                           scorers=scorers, control_images=control_images, restart=restart,

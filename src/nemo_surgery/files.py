@@ -108,6 +108,26 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def output_path(out: Path) -> Path:
+    """`out` as given, or resolved where it has no name of its own (`.`, `..`): siblings such as
+    a work folder or a journal are named after it."""
+    out = Path(out)
+    return out.resolve() if out.name in ("", "..") else out
+
+
+def check_apart(out: Path, **inputs: Path | None) -> None:
+    """Refuse an output that is an input, holds one, or lies inside one: writing it, or replacing
+    it with --force, would modify or delete that input. `inputs`: what each is called, its path."""
+    dst = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise NemoError(f"{out}: output must lie outside the {what.replace('_', ' ')} {path} "
+                            f"(inputs are never modified)")
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one record and fsync: a crash loses at most the record being written."""
     line = json.dumps(record, ensure_ascii=False) + "\n"

@@ -50,9 +50,10 @@ if variant == "torch":
             model.unet(x, 981, encoder_hidden_states=e)
 else:
     layers = [(v.path, v.out_features) for v in model.value_layers]
-    (path,) = (cache / "onnx-search").glob("*/model.onnx")
-    unet = O.OrtUNet(path, layers, gather_points(model), threads)
+    (report,) = (cache / "onnx-search").glob("*/search.json")
+    unet = O.OrtUNet(report.parent, layers, gather_points(model), threads)
     def run():
+        unet.clear()  # a whole pass: no head states kept from the first
         unet(x, torch.tensor(981.0), e, None)
 run()
 t0 = time.perf_counter()

@@ -11,7 +11,11 @@ multiplied by its mask, exactly as `ValueMasks` does in torch, so one graph eval
 candidate neuron sets side by side. On an SD 1.x/2.x layout it also gathers rows before each
 down/mid transformer block (`prefix.PrefixUNet`), so each block runs once per distinct state its
 samples need there, the layers candidates share once per seed
-(demo: x1.25 on top of the runtime; other layouts get the plain graph). The exported graph is
+(demo: x1.25 on top of the runtime; other layouts get the plain graph). That graph is exported in
+two parts, cut after the first level's transformer blocks, and the head's states are kept from
+pass to pass: refinement walks the layers last first, so until it reaches the first level every
+pass shares the head (32 px shape model: x1.11-1.25 fewer block costs per search, simulated from
+its passes). The exported graph is
 simplified by onnxslim (`export.onnx._simplify`), which folds away most of the shape arithmetic
 of a dynamic batch. Its attention runs as onnxruntime's fused CPU kernel (`fused_attention`):
 unfused, a pass materializes every score matrix of the batch (32 px latents: x1.6 slower a
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -42,7 +48,10 @@ from .masks import ValueMasks
 from .prefix import PrefixLayout, PrefixUNet, gather_points, point_of, row_ids, same_as_diffusers
 
 
-FORMAT = 4  # bump when the graph's inputs, outputs or rewriting change
+FORMAT = 5  # bump when the graph's inputs, outputs or rewriting change
+# Head states kept between passes (`OrtUNet`): a few per seed are what refinement reuses; at
+# SD 1.x's 64 px latents a state is about 22 MB.
+CACHE_BYTES = 512 << 20
 OPSET = 17
 
 
@@ -64,6 +73,44 @@ class _MaskedUNet(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         finally:
             self.masks._masks = {}
+
+
+class _Head(nn.Module):
+    """PrefixUNet's forward up to gather point `split`, as a graph: (sample, timestep, text,
+    masks of the layers before the split, gathers before it) -> its state, flat."""
+
+    def __init__(self, prefix: PrefixUNet, split: int, n_layers: int):
+        super().__init__()
+        self.prefix, self.split, self.n_layers = prefix, split, n_layers
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        h, emb, ehs, res = self.prefix.head(self.split, sample, timestep, encoder_hidden_states,
+                                            rest[:self.n_layers], list(rest[self.n_layers:]))
+        return (h, emb, ehs, *res)
+
+
+class _Tail(nn.Module):
+    """The rest: (state, masks of the layers from the split on, gathers from it) -> noise prediction."""
+
+    def __init__(self, prefix: PrefixUNet, split: int, n_res: int, n_layers: int):
+        super().__init__()
+        self.prefix, self.split, self.n_res, self.n_layers = prefix, split, n_res, n_layers
+
+    def forward(self, h, emb, text, *rest):
+        res, rest = list(rest[:self.n_res]), rest[self.n_res:]
+        return self.prefix.tail(self.split, (h, emb, text, res), rest[:self.n_layers], list(rest[self.n_layers:]))
+
+
+def split_point(points: list[str]) -> int:
+    """The gather point the search graph is cut at: after the transformer blocks of the first
+    level that has them (the highest resolution, where attention costs most). Refinement walks
+    the later layers first, and while it does, everything before the cut is the same in every
+    pass: `OrtUNet` keeps it from pass to pass."""
+    block = points[0].split(".attentions.")[0]
+    return sum(q.split(".attentions.")[0] == block for q in points)
+
+
+STATE = ["h", "emb", "text"]  # then res_0, res_1, ...: the head's outputs, the tail's first inputs
 
 
 def _version(package: str) -> str | None:
@@ -89,22 +136,48 @@ class OrtUNet:
     """Runs the search graph; a batch is cut into one slice per worker thread, each slice run by a
     single-threaded call of one shared session (onnxruntime releases the GIL). With gather points
     (`prefix.PrefixUNet`), each slice computes each layer once per distinct state its samples need
-    there (`prefix.Tree`)."""
+    there (`prefix.Tree`), and the graph is in two parts cut at `split`: the head's states (one
+    per distinct (seed, prompt, masks before the cut)) are kept from pass to pass, so a pass whose
+    samples differ only after the cut, as all of refinement's do until it reaches the first
+    level's layers, runs the tail alone. `folder` holds `model.onnx`, or `head/` and `tail/`."""
 
-    def __init__(self, path: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int):
+    def __init__(self, folder: Path, layers: list[tuple[str, int]], points: list[str] | None, threads: int,
+                 cache_bytes: int = CACHE_BYTES):
         from ..export.onnx import ort_session
 
-        self.path = Path(path)
+        self.folder = Path(folder)
         self.layout = PrefixLayout(layers, points)
         self.points = points
         self.threads = max(1, threads)
-        self.session = ort_session(self.path, threads=1)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.split = None if points is None else split_point(points)
+        if self.split is None:
+            self.session = ort_session(self.folder / "model.onnx", threads=1)
+            return
+        n_head = sum(1 for pt in self.layout.point_of if pt < self.split)
+        self.head_width = sum(w for _, w in layers[:n_head])
+        self.n_head_layers = n_head
+        self.head_layout = PrefixLayout(layers[:n_head], points[:self.split])
+        self.tail_layout = PrefixLayout(layers[n_head:], points[self.split:])
+        self.head = ort_session(self.folder / "head" / "model.onnx", threads=1)
+        self.tail = ort_session(self.folder / "tail" / "model.onnx", threads=1)
+        self.state_names = [o.name for o in self.head.get_outputs()]
+        self.cache: OrderedDict[bytes, tuple[np.ndarray, ...]] = OrderedDict()
+        self.cache_bytes, self.cache_cap = 0, cache_bytes
+        self.lock = threading.Lock()
+        self.head_rows = 0  # head states computed (the rest came from the cache): for tests and benchmarks
+
+    @property
+    def graphs(self) -> list[Path]:
+        if self.split is None:
+            return [self.folder / "model.onnx"]
+        return [self.folder / "head" / "model.onnx", self.folder / "tail" / "model.onnx"]
 
     def feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, sets: list | None,
               rows: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
-        """The graph's inputs for these samples, and which output row is each sample's (None:
-        one each, in order). `rows`: `row_ids` of the samples, where the caller has them already."""
+        """The inputs of the whole UNet as one graph (`PrefixUNet`) for these samples, and which
+        output row is each sample's (None: one each, in order). `rows`: `row_ids` of the samples,
+        where the caller has them already. (A split graph runs these through head and tail.)"""
         return self._feeds(sample, timestep, text, self.layout.mask(sets, len(sample)), rows)
 
     def _feeds(self, sample: np.ndarray, timestep: float, text: np.ndarray, m: np.ndarray,
@@ -133,22 +206,96 @@ class OrtUNet:
         b = len(sample)
         x, e, t = sample.float().numpy(), text.float().contiguous().numpy(), float(timestep)
         n = min(self.threads, b)
-        if n == 1 or self.pool is None:
+        if self.split is None and (n == 1 or self.pool is None):
             return torch.from_numpy(self.run(*self.feeds(x, t, e, sets)))
         # Samples that share layers next to each other (in the order of their tree) before the
         # batch is cut over the runs: a subtree cut in two has its shared layers computed in both.
         rows = row_ids(x, e)
         m = self.layout.mask(sets, b)
         order = np.argsort(rows, kind="stable") if self.points is None else self.layout.tree(m, rows).order()
-        parts = [self._feeds(x[c], t, e[c], m[c], rows[c]) for c in np.array_split(order, n)]
+        if self.split is None:
+            parts = [self._feeds(x[c], t, e[c], m[c], rows[c]) for c in np.array_split(order, n)]
+            work = [lambda part=part: self.run(*part) for part in parts]
+        else:
+            keys = self._head_keys(x, t, e, m, rows)
+            work = [lambda c=c: self._run_split(x[c], t, e[c], m[c], [keys[i] for i in c])
+                    for c in np.array_split(order, n)]
         out = np.empty((b, *x.shape[1:]), dtype=np.float32)
-        out[order] = np.concatenate(list(self.pool.map(lambda part: self.run(*part), parts)))
+        done = [w() for w in work] if n == 1 or self.pool is None else list(self.pool.map(lambda w: w(), work))
+        out[order] = np.concatenate(done)
         return torch.from_numpy(out)
+
+    def _head_keys(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray, rows: np.ndarray) -> list[bytes]:
+        """Each sample's head state, named by what determines it: its latent, prompt and timestep
+        (hashed) and its masks before the split."""
+        digest = {}
+        for i, r in enumerate(rows):
+            if r not in digest:
+                digest[r] = hashlib.blake2b(x[i].tobytes() + e[i].tobytes() + np.float32(t).tobytes(),
+                                            digest_size=16).digest()
+        bits = np.packbits(m[:, :self.head_width] == 0, axis=1)
+        return [digest[r] + bits[i].tobytes() for i, r in enumerate(rows)]
+
+    def _run_split(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray, keys: list[bytes]) -> np.ndarray:
+        uniq: dict[bytes, int] = {}
+        kid = np.array([uniq.setdefault(k, len(uniq)) for k in keys], dtype=np.int64)
+        first = np.full(len(uniq), len(kid), dtype=np.int64)
+        np.minimum.at(first, kid, np.arange(len(kid)))
+        names = list(uniq)
+        with self.lock:
+            states = [self.cache.get(k) for k in names]
+            for k, st in zip(names, states):
+                if st is not None:
+                    self.cache.move_to_end(k)
+        missing = [j for j, st in enumerate(states) if st is None]
+        if missing:
+            for j, st in zip(missing, self._run_head(x[first[missing]], t, e[first[missing]],
+                                                     m[first[missing], :self.head_width])):
+                states[j] = st
+            self._keep([(names[j], states[j]) for j in missing])
+        tree = self.tail_layout.tree(m[:, self.head_width:], kid)  # level -1: the head states, in `names` order
+        f = {name: np.stack([st[c] for st in states]) for c, name in enumerate(self.state_names)}
+        for li, mask in enumerate(tree.masks):
+            f[f"mask_{self.n_head_layers + li}"] = mask
+        for g, ix in enumerate(tree.gathers):
+            f[f"gather_{self.split + g}"] = ix
+        return self.tail.run(None, f)[0][tree.out]
+
+    def _run_head(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        """The head state of each sample (one sample per distinct key)."""
+        tree = self.head_layout.tree(m, row_ids(x, e))
+        f = {"sample": x[tree.rep], "timestep": np.full((len(tree.rep),), t, dtype=np.float32),
+             "encoder_hidden_states": e[tree.rep]}
+        for li, mask in enumerate(tree.masks):
+            f[f"mask_{li}"] = mask
+        for g, ix in enumerate(tree.gathers[:self.split]):  # the last level has no layers: the identity
+            f[f"gather_{g}"] = ix
+        outs = self.head.run(None, f)
+        self.head_rows += len(outs[0])
+        return [tuple(o[r].copy() for o in outs) for r in tree.out]
+
+    def _keep(self, items: list[tuple[bytes, tuple[np.ndarray, ...]]]) -> None:
+        with self.lock:
+            for k, st in items:
+                if k not in self.cache:
+                    self.cache[k] = st
+                    self.cache_bytes += sum(a.nbytes for a in st)
+            while self.cache_bytes > self.cache_cap and len(self.cache) > 1:
+                _, old = self.cache.popitem(last=False)
+                self.cache_bytes -= sum(a.nbytes for a in old)
+
+    def clear(self) -> None:
+        """Forget the kept head states."""
+        if self.split is not None:
+            with self.lock:
+                self.cache.clear()
+                self.cache_bytes = 0
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
             self.pool = None
+        self.clear()
 
 
 def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
@@ -197,6 +344,34 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
             d[f"gather_{gi}"] = torch.arange(batch) if gi < cut else (unit if gi == cut else torch.arange(batch + 1))
         return d
 
+    # The graphs to export: the whole UNet, or with gather points its head and tail (`OrtUNet`).
+    if points is None:
+        graphs = [("search UNet", key, wrapper, make_inputs, ["noise_pred"])]
+    else:
+        split = split_point(points)
+        n_head = sum(1 for p, _ in layers if point_of(p, points) < split)
+        n_res = sum(1 for st in wrapper.steps[:wrapper.cut(split)] if st[0] == "push") + 1
+        head = _Head(wrapper, split, n_head).eval()
+        tail = _Tail(wrapper, split, n_res, len(layers) - n_head).eval()
+        state_names = STATE + [f"res_{i}" for i in range(n_res)]
+
+        def head_inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
+            d = make_inputs(batch, seed)
+            return {k: v for k, v in d.items() if k in ("sample", "timestep", "encoder_hidden_states")
+                    or (k.startswith("mask_") and int(k[5:]) < n_head)
+                    or (k.startswith("gather_") and int(k[7:]) < split)}
+
+        @torch.no_grad()
+        def tail_inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
+            d = make_inputs(batch, seed)
+            state = head(*head_inputs(batch, seed).values())
+            return {**dict(zip(state_names, state)),
+                    **{k: v for k, v in d.items() if (k.startswith("mask_") and int(k[5:]) >= n_head)
+                       or (k.startswith("gather_") and int(k[7:]) >= split)}}
+
+        graphs = [("search UNet head", f"{key}/head", head, head_inputs, state_names),
+                  ("search UNet tail", f"{key}/tail", tail, tail_inputs, ["noise_pred"])]
+
     try:
         if points is not None:
             diff = same_as_diffusers(wrapper, plain, make_inputs(2, 7))
@@ -204,8 +379,9 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
                 raise NemoError(f"the search graph's UNet forward differs from diffusers' by {diff:.3g}")
 
         def check() -> None:  # at another batch size than the traced one: nothing shape-bound baked in
-            check_onnx(folder / "model.onnx", wrapper, make_inputs(CHECK_BATCH + 1, 1), ["noise_pred"],
-                       DEFAULT_TOLERANCE, "search UNet")
+            for part, sub, module, inputs, outputs in graphs:
+                check_onnx(root / sub / "model.onnx", module, inputs(CHECK_BATCH + 1, 1), outputs,
+                           DEFAULT_TOLERANCE, part)
 
         try:
             json.loads((folder / "search.json").read_text(encoding="utf-8"))  # written last: export finished
@@ -218,34 +394,38 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
             log("onnxruntime: exporting the UNet with value masks for the search (once per model)")
 
             def export():
-                return export_module("search UNet", key, wrapper, make_inputs, ["noise_pred"], root, opset=OPSET,
-                                     check=True, seed=0, tolerance=DEFAULT_TOLERANCE, external_data=None,
-                                     own_batch=points is not None, simplify=True)
+                return [export_module(part, sub, module, inputs, outputs, root, opset=OPSET, check=True, seed=0,
+                                      tolerance=DEFAULT_TOLERANCE, external_data=None,
+                                      own_batch=points is not None, simplify=True)
+                        for part, sub, module, inputs, outputs in graphs]
 
             unfused = None
             try:
                 with fused_attention(model.unet) as n:
-                    r = export() if n else None
-                if r is not None:
+                    reps = export() if n else None
+                if reps is not None:
                     check()  # against diffusers' own attention, as every reuse checks it
             except NemoError as e:
                 unfused = str(e)
-                r = None
-            if r is None:
+                reps = None
+            if reps is None:
                 if unfused:
                     log(f"onnxruntime: fused attention left out ({unfused})")
-                r = export()
+                reps = export()
                 check()
-            fused = fused_nodes(folder / "model.onnx")
-            report = {"tool": __version__, "seconds": r.seconds, "max_abs_diff": r.max_abs_diff,
-                      "exporter": r.exporter, "onnxruntime": r.onnxruntime, "bytes": r.bytes,
-                      "gather_points": points, "simplified": r.simplified, "fused_attention": fused,
+            fused = sum(fused_nodes(root / sub / "model.onnx") for _, sub, *_ in graphs)
+            report = {"tool": __version__, "seconds": round(sum(r.seconds for r in reps), 3),
+                      "max_abs_diff": max(r.max_abs_diff for r in reps), "exporter": reps[0].exporter,
+                      "onnxruntime": reps[0].onnxruntime, "bytes": sum(r.bytes for r in reps),
+                      "gather_points": points, "split": None if points is None else split,
+                      "graphs": [str(Path(sub).relative_to(key)) if sub != key else "." for _, sub, *_ in graphs],
+                      "simplified": [r.simplified for r in reps], "fused_attention": fused,
                       "unfused_because": unfused}
             (folder / "search.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-            log(f"onnxruntime: exported in {r.seconds:.1f} s ({r.simplified}; {fused} attention nodes fused), "
-                f"max |onnxruntime - torch| {r.max_abs_diff:.2g}")
+            log(f"onnxruntime: exported in {report['seconds']:.1f} s ({'; '.join(map(str, report['simplified']))}; "
+                f"{fused} attention nodes fused), max |onnxruntime - torch| {report['max_abs_diff']:.2g}")
     finally:
         plain.masks.remove()
         if wrapper is not plain:
             wrapper.masks.remove()
-    return OrtUNet(folder / "model.onnx", layers, points, threads)
+    return OrtUNet(folder, layers, points, threads)

@@ -23,11 +23,39 @@ from ..model import Model
 from .masks import NeuronSet, ValueMasks
 
 
+_GATHER = ("gather",)
+
+
+def _steps(u: nn.Module) -> list[tuple]:
+    """The UNet's forward (SD 1.x/2.x layout, after conv_in) as a flat list of steps, with a
+    gather marker before each down/mid transformer block and before the up path."""
+    steps: list[tuple] = []
+    for block in u.down_blocks:
+        cross = getattr(block, "has_cross_attention", False)
+        for i, resnet in enumerate(block.resnets):
+            steps.append(("resnet", resnet))
+            if cross:
+                steps += [_GATHER, ("attn", block.attentions[i])]
+            steps.append(("push",))
+        for down in block.downsamplers or ():
+            steps.append(("plain", down))
+        if block.downsamplers:
+            steps.append(("push",))
+    mid = u.mid_block
+    steps.append(("resnet", mid.resnets[0]))
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        steps += [_GATHER, ("attn", attn), ("resnet", resnet)]
+    steps.append(_GATHER)
+    steps += [("up", block) for block in u.up_blocks]
+    steps.append(("out",))
+    return steps
+
+
 class PrefixUNet(nn.Module):
     """UNet(sample, timestep, text, mask_0..mask_{L-1}, gather_0..gather_G) -> noise prediction.
     `mask_i` holds layer i's masks for the states its block computes; `gather_g` the state each
     state after gather point g continues (`Tree`). Run eagerly, a gather may be None: the identity,
-    without copying."""
+    without copying. `head`/`tail` run the same forward in two parts, cut at a gather point."""
 
     def __init__(self, model: Model, points: list[str]):
         super().__init__()
@@ -35,54 +63,71 @@ class PrefixUNet(nn.Module):
         self.masks = ValueMasks(model)
         self.paths = [v.path for v in model.value_layers]
         self.points = points  # `gather_points(model)`: the forward gathers before each, then before the up path
+        self.steps = _steps(model.unet)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *rest: torch.Tensor | None) -> torch.Tensor:
-        u = self.unet
         masks, gathers = rest[:len(self.paths)], list(rest[len(self.paths):])
-        self.masks._masks = dict(zip(self.paths, masks))
+        return self._run(self._start(sample, timestep, encoder_hidden_states), self.steps, masks, gathers)[0]
+
+    def cut(self, split: int) -> int:
+        """Where the steps part at gather point `split`: the index of its marker."""
+        return [i for i, st in enumerate(self.steps) if st is _GATHER][split]
+
+    def head(self, split: int, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+             masks: tuple, gathers: list) -> tuple:
+        """The forward up to gather point `split` (masks of the layers before it, gathers
+        0..split-1): its state (h, time embedding, text, skip tensors)."""
+        state = self._start(sample, timestep, encoder_hidden_states)
+        return self._run(state, self.steps[:self.cut(split)], masks, gathers)
+
+    def tail(self, split: int, state: tuple, masks: tuple, gathers: list) -> torch.Tensor:
+        """The rest of the forward from a `head` state: masks of the layers from gather point
+        `split` on (earlier ones are left as None), gathers split..G."""
+        masks = (None,) * (len(self.paths) - len(masks)) + tuple(masks)
+        return self._run(state, self.steps[self.cut(split):], masks, gathers)[0]
+
+    def _start(self, sample, timestep, ehs) -> tuple:
+        u = self.unet
+        emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype))
+        if u.time_embed_act is not None:
+            emb = u.time_embed_act(emb)
+        h = u.conv_in(sample)
+        return h, emb, ehs, [h]
+
+    def _run(self, state: tuple, steps: list[tuple], masks: tuple, gathers: list) -> tuple:
+        u = self.unet
+        h, emb, ehs, res = state[0], state[1], state[2], list(state[3])
+        self.masks._masks = {p: m for p, m in zip(self.paths, masks) if m is not None}
+        gathers = list(gathers)
         try:
-            emb = u.time_embedding(u.time_proj(timestep).to(sample.dtype))
-            if u.time_embed_act is not None:
-                emb = u.time_embed_act(emb)
-            ehs = encoder_hidden_states
-            h = u.conv_in(sample)
-            res = [h]
-
-            def gather(h, emb, ehs, res):
-                idx = gathers.pop(0)
-                if idx is None:
-                    return h, emb, ehs, res
-                return h[idx], emb[idx], ehs[idx], [r[idx] for r in res]
-
-            for block in u.down_blocks:
-                for i, resnet in enumerate(block.resnets):
-                    h = resnet(h, emb)
+            for step in steps:
+                kind = step[0]
+                if kind == "gather":
+                    idx = gathers.pop(0)
+                    if idx is not None:
+                        h, emb, ehs, res = h[idx], emb[idx], ehs[idx], [r[idx] for r in res]
+                elif kind == "resnet":
+                    h = step[1](h, emb)
+                elif kind == "attn":
+                    h = step[1](h, encoder_hidden_states=ehs, return_dict=False)[0]
+                elif kind == "push":
+                    res.append(h)
+                elif kind == "plain":
+                    h = step[1](h)
+                elif kind == "up":
+                    block = step[1]
+                    n = len(block.resnets)
+                    skip, res = tuple(res[-n:]), res[:-n]
                     if getattr(block, "has_cross_attention", False):
-                        h, emb, ehs, res = gather(h, emb, ehs, res)
-                        h = block.attentions[i](h, encoder_hidden_states=ehs, return_dict=False)[0]
-                    res.append(h)
-                for down in block.downsamplers or ():
-                    h = down(h)
-                if block.downsamplers:
-                    res.append(h)
-            mid = u.mid_block
-            h = mid.resnets[0](h, emb)
-            for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
-                h, emb, ehs, res = gather(h, emb, ehs, res)
-                h = attn(h, encoder_hidden_states=ehs, return_dict=False)[0]
-                h = resnet(h, emb)
-            h, emb, ehs, res = gather(h, emb, ehs, res)
-            for block in u.up_blocks:
-                n = len(block.resnets)
-                skip, res = tuple(res[-n:]), res[:-n]
-                if getattr(block, "has_cross_attention", False):
-                    h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ehs)
-                else:
-                    h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip)
-            if u.conv_norm_out is not None:
-                h = u.conv_act(u.conv_norm_out(h))
-            return u.conv_out(h)
+                        h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip, encoder_hidden_states=ehs)
+                    else:
+                        h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=skip)
+                else:  # "out"
+                    if u.conv_norm_out is not None:
+                        h = u.conv_act(u.conv_norm_out(h))
+                    h = u.conv_out(h)
+            return h, emb, ehs, res
         finally:
             self.masks._masks = {}
 

@@ -20,7 +20,7 @@ from nemo_surgery.errors import NemoError
 from nemo_surgery.localize.detect import detect
 from nemo_surgery.localize.fused_attention import FusedAttnProcessor, _MultiHeadAttention, fused_attention, fused_nodes
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
-from nemo_surgery.localize.ort_unet import open_ort_unet
+from nemo_surgery.localize.ort_unet import CACHE_BYTES, open_ort_unet
 from nemo_surgery.localize.runner import run_corpus
 from nemo_surgery.localize.score import Scorer, value_activations
 from nemo_surgery.localize.search import Localizer
@@ -100,20 +100,45 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     assert not torch.equal(want[1], want[0])  # the masks changed something the check can see
     # Candidates that share their first layers (as in refinement): the shared layers run once per
     # distinct (latent, prompt) row, then the rows are gathered out to the candidates.
-    assert fast.unet.points, "the tiny UNet has an SD layout: the search graph has gather points"
+    unet = fast.unet
+    assert unet.points and unet.split == 2, "the tiny UNet has an SD layout: the search graph is cut after level 0"
     common = {layers[1]: frozenset({0, 2})}
     cands = [{**common, layers[4]: frozenset({k})} for k in range(3)] + [{**common, layers[12]: frozenset({1})}]
     emb16, lat16, sets16 = emb[:1].expand(16, -1, -1), exact.latents.repeat_interleave(4, 0), cands * 4
-    feeds, _ = fast.unet.feeds(lat16.numpy(), 981.0, emb16.contiguous().numpy(), sets16)
+    feeds, _ = unet.feeds(lat16.numpy(), 981.0, emb16.contiguous().numpy(), sets16)
     assert len(feeds["sample"]) == 4 and len(feeds["mask_0"]) == 4 and len(feeds[f"mask_{len(layers) - 1}"]) == 16
-    assert (fast.noise_diff(emb16, lat16, sets16) - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
+    unet.clear()  # an empty cache: what the head computes is counted below
+    rows0 = unet.head_rows
+    got16 = fast.noise_diff(emb16, lat16, sets16)
+    assert (got16 - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
+    # The head (everything before down_blocks.1) ran once per seed, its states kept: another pass
+    # whose candidates differ only after the cut runs the tail alone, with the same results as
+    # computing everything again.
+    assert unet.head_rows - rows0 == 4 and len(unet.cache) == 4
+    later = [{**common, layers[5]: frozenset({k})} for k in range(4)] * 4
+    got_later = fast.noise_diff(emb16, lat16, later)
+    assert unet.head_rows - rows0 == 4
+    unet.clear()
+    assert (fast.noise_diff(emb16, lat16, later) - got_later).abs().max() < 1e-6
+    assert unet.head_rows - rows0 == 8
+    assert (got_later - exact.noise_diff(emb16, lat16, later)).abs().max() < 1e-4
+    # A candidate that differs before the cut has its own head state; the others' are reused.
+    before = [{**common, layers[0]: frozenset({1})}] + later[1:]
+    fast.noise_diff(emb16, lat16, before)
+    assert unet.head_rows - rows0 == 9
+    # The cache holds at most its budget: the oldest states go first.
+    unet.cache_cap = 2 * sum(a.nbytes for a in next(iter(unet.cache.values())))
+    unet.clear()
+    fast.noise_diff(emb16, lat16, later)
+    assert len(unet.cache) == 2 and unet.cache_bytes <= unet.cache_cap
+    unet.cache_cap = CACHE_BYTES
     # Candidates that part at different layers: each block runs once per distinct state there.
     # Of the four distinct candidates, one parts from the others at layer 4, the rest only in the
     # up path; the first is there twice and computed once.
     parting = [{**common}, {**common, layers[4]: frozenset({1})}, {**common, layers[12]: frozenset({2})},
                {**common, layers[12]: frozenset({3})}, {**common}]
     lat20, emb20, sets20 = exact.latents.repeat_interleave(5, 0), emb[:1].expand(20, -1, -1), parting * 4
-    feeds, out = fast.unet.feeds(lat20.numpy(), 981.0, emb20.contiguous().numpy(), sets20)
+    feeds, out = unet.feeds(lat20.numpy(), 981.0, emb20.contiguous().numpy(), sets20)
     assert len(feeds["mask_4"]) == 8 and len(feeds[f"mask_{len(layers) - 1}"]) == 16 and len(out) == 20
     got20 = fast.noise_diff(emb20, lat20, sets20)
     assert torch.equal(got20[0], got20[4])
@@ -130,19 +155,23 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     # The graph is cached per model; a damaged cached graph is exported again, not trusted.
     logs: list[str] = []
     again = open_ort_unet(model, root / "cache", log=logs.append)
-    assert again.path == fast.unet.path and any("reusing" in m for m in logs)
-    # onnxslim rewrote the graph (fewer nodes), and the results above were checked on that graph.
-    report = json.loads((again.path.parent / "search.json").read_text())
-    slim = re.fullmatch(r"onnxslim \S+: (\d+) -> (\d+) nodes", report["simplified"])
-    assert slim and int(slim[2]) < int(slim[1])
+    assert again.graphs == fast.unet.graphs and any("reusing" in m for m in logs)
+    # onnxslim rewrote both graphs (fewer nodes), and the results above were checked on them.
+    report = json.loads((again.folder / "search.json").read_text())
+    assert report["split"] == 2 and report["graphs"] == ["head", "tail"]
+    for simplified in report["simplified"]:
+        slim = re.fullmatch(r"onnxslim \S+: (\d+) -> (\d+) nodes", simplified)
+        assert slim and int(slim[2]) < int(slim[1])
     # Every attention ran as one fused onnxruntime node in the results above.
     attentions = sum(isinstance(m, Attention) for m in model.unet.modules())
-    assert report["fused_attention"] == fused_nodes(again.path) == attentions > 0 and not report["unfused_because"]
-    data = again.path.read_bytes()
-    again.path.write_bytes(data[: len(data) // 2])
+    assert report["fused_attention"] == sum(map(fused_nodes, again.graphs)) == attentions > 0
+    assert not report["unfused_because"]
+    tail = again.graphs[1]
+    data = tail.read_bytes()
+    tail.write_bytes(data[: len(data) // 2])
     logs.clear()
     fixed = open_ort_unet(model, root / "cache", log=logs.append)
-    assert any("exporting" in m for m in logs) and fixed.path.stat().st_size == len(data)
+    assert any("exporting" in m for m in logs) and fixed.graphs[1].stat().st_size == len(data)
     # A model whose weights differ only outside the value layers (same NeMo fingerprint) gets its own graph.
     w = model.unet.conv_in.weight
     saved = w.detach().clone()
@@ -150,7 +179,7 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
         w.mul_(1.5)
     try:
         other = open_ort_unet(model, root / "cache", log=logs.append)
-        assert other.path != fast.unet.path
+        assert other.folder != fast.unet.folder
     finally:
         with torch.no_grad():
             w.copy_(saved)
@@ -178,12 +207,12 @@ def test_fused_attention_traces_as_diffusers_and_falls_back(tiny, tmp_path, monk
                         staticmethod(lambda g, q, k, v, heads: g.op("com.microsoft::NoSuchAttention", q, k, v)))
     logs: list[str] = []
     runner = open_ort_unet(model, tmp_path / "cache", log=logs.append)
-    report = json.loads((runner.path.parent / "search.json").read_text())
-    assert report["fused_attention"] == fused_nodes(runner.path) == 0
+    report = json.loads((runner.folder / "search.json").read_text())
+    assert report["fused_attention"] == sum(map(fused_nodes, runner.graphs)) == 0
     assert "NoSuchAttention" in report["unfused_because"]
     assert any(m.startswith("onnxruntime: fused attention left out") for m in logs)
     try:
-        assert np.abs(runner.run(*runner.feeds(x.numpy(), 981.0, e.numpy(), None)) - want.numpy()).max() < 1e-4
+        assert (runner(x, torch.tensor(981.0), e, None) - want).abs().max() < 1e-4
     finally:
         runner.close()
 

@@ -177,9 +177,11 @@ class Scorer:
     def beside_ort(self) -> Iterator[None]:
         """While onnxruntime runs the UNet passes, torch's own work between them (scaling, MS-SSIM)
         runs on one thread: after each parallel op torch's OpenMP workers spin-wait on the cores
-        onnxruntime's next run needs (measured on 2 cores: 8-12 % of a prompt's search)."""
+        onnxruntime's next run needs (measured on 2 cores: 8-12 % of a prompt's search).
+        On the way out the head states onnxruntime kept are dropped: they are named by the
+        prompt's embedding, so no other search uses them, and they can hold hundreds of MB."""
         threads = torch.get_num_threads()
-        if self.unet is None or threads == 1:
+        if self.unet is None:
             yield
             return
         torch.set_num_threads(1)
@@ -187,6 +189,7 @@ class Scorer:
             yield
         finally:
             torch.set_num_threads(threads)
+            self.unet.clear()
 
     def prompt_noise_diffs(self, emb: torch.Tensor) -> torch.Tensor:
         """Unblocked noise differences of one prompt embedding (1, T, D) for every seed."""

@@ -15,7 +15,7 @@ samples need there, the layers candidates share once per seed
 two parts, cut after the first level's transformer blocks, and the head's states are kept from
 pass to pass: refinement walks the layers last first, so until it reaches the first level every
 pass shares the head (32 px shape model: a search x2.81-2.95 faster than the plain algorithm
-before, x3.22 with the head kept). The exported graph is
+before, x3.19-3.22 with the head kept). The exported graph is
 simplified by onnxslim (`export.onnx._simplify`), which folds away most of the shape arithmetic
 of a dynamic batch. Its attention runs as onnxruntime's fused CPU kernel (`fused_attention`):
 unfused, a pass materializes every score matrix of the batch (32 px latents: x1.6 slower a
@@ -271,7 +271,8 @@ class OrtUNet:
         for g, ix in enumerate(tree.gathers[:self.split]):  # the last level has no layers: the identity
             f[f"gather_{g}"] = ix
         outs = self.head.run(None, f)
-        self.head_rows += len(outs[0])
+        with self.lock:  # two runs of a pass count at once
+            self.head_rows += len(outs[0])
         return [tuple(o[r].copy() for o in outs) for r in tree.out]
 
     def _keep(self, items: list[tuple[bytes, tuple[np.ndarray, ...]]]) -> None:

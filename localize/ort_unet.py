@@ -110,6 +110,11 @@ def split_point(points: list[str]) -> int:
     return sum(q.split(".attentions.")[0] == block for q in points)
 
 
+def head_layers(layers: list[tuple[str, int]], points: list[str], split: int) -> int:
+    """How many of the value layers (in model order) lie before the cut: the head's."""
+    return sum(1 for p, _ in layers if point_of(p, points) < split)
+
+
 STATE = ["h", "emb", "text"]  # then res_0, res_1, ...: the head's outputs, the tail's first inputs
 
 
@@ -154,7 +159,7 @@ class OrtUNet:
         if self.split is None:
             self.session = ort_session(self.folder / "model.onnx", threads=1)
             return
-        n_head = sum(1 for pt in self.layout.point_of if pt < self.split)
+        n_head = head_layers(layers, points, self.split)
         self.head_width = sum(w for _, w in layers[:n_head])
         self.n_head_layers = n_head
         self.head_layout = PrefixLayout(layers[:n_head], points[:self.split])
@@ -350,25 +355,28 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         graphs = [("search UNet", key, wrapper, make_inputs, ["noise_pred"])]
     else:
         split = split_point(points)
-        n_head = sum(1 for p, _ in layers if point_of(p, points) < split)
+        n_head = head_layers(layers, points, split)
         n_res = sum(1 for st in wrapper.steps[:wrapper.cut(split)] if st[0] == "push") + 1
         head = _Head(wrapper, split, n_head).eval()
         tail = _Tail(wrapper, split, n_res, len(layers) - n_head).eval()
         state_names = STATE + [f"res_{i}" for i in range(n_res)]
 
+        def in_head(name: str) -> bool:
+            """Whether a whole-UNet input (`make_inputs`) feeds the head; the others feed the tail."""
+            if name.startswith("mask_"):
+                return int(name[5:]) < n_head
+            if name.startswith("gather_"):
+                return int(name[7:]) < split
+            return True  # sample, timestep, encoder_hidden_states
+
         def head_inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
-            d = make_inputs(batch, seed)
-            return {k: v for k, v in d.items() if k in ("sample", "timestep", "encoder_hidden_states")
-                    or (k.startswith("mask_") and int(k[5:]) < n_head)
-                    or (k.startswith("gather_") and int(k[7:]) < split)}
+            return {k: v for k, v in make_inputs(batch, seed).items() if in_head(k)}
 
         @torch.no_grad()
         def tail_inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
             d = make_inputs(batch, seed)
-            state = head(*head_inputs(batch, seed).values())
-            return {**dict(zip(state_names, state)),
-                    **{k: v for k, v in d.items() if (k.startswith("mask_") and int(k[5:]) >= n_head)
-                       or (k.startswith("gather_") and int(k[7:]) >= split)}}
+            state = head(*(v for k, v in d.items() if in_head(k)))
+            return {**dict(zip(state_names, state)), **{k: v for k, v in d.items() if not in_head(k)}}
 
         graphs = [("search UNet head", f"{key}/head", head, head_inputs, state_names),
                   ("search UNet tail", f"{key}/tail", tail, tail_inputs, ["noise_pred"])]

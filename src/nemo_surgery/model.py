@@ -220,10 +220,10 @@ def weight_variant(part_dir: Path) -> str | None:
     return found[0] if found else None
 
 
-def _stored_dtype(unet_dir: Path) -> str | None:
+def _stored_dtype(unet_dir: Path, variant: str | None) -> str | None:
     """The dtype the UNet's value weights are stored in, from the safetensors headers of the weight
-    set that loads (diffusers upcasts fp16 files to fp32 on load, so the module cannot tell)."""
-    variant = weight_variant(unet_dir)
+    set that loads (`variant`: `weight_variant`'s; diffusers upcasts fp16 files to fp32 on load, so
+    the module cannot tell)."""
     stem = WEIGHT_STEMS["unet"] + (f".{variant}" if variant else "")
     pat = re.compile(rf"^{re.escape(stem)}(-\d+-of-\d+)?\.safetensors$")
     for f in sorted(unet_dir.iterdir()):
@@ -363,10 +363,13 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
         if path.is_file():
             unet, text_encoder, tokenizer, vae, scheduler_config, stored = _load_single_file(path, config, with_vae)
         else:
-            def part(cls: Any, name: str) -> Any:
-                return cls.from_pretrained(path / name, use_safetensors=use_st, variant=weight_variant(path / name), **kw)
+            names = ("unet", "text_encoder") + (("vae",) if with_vae else ())
+            variants = {name: weight_variant(path / name) for name in names}
 
-            stored = _stored_dtype(path / "unet")
+            def part(cls: Any, name: str) -> Any:
+                return cls.from_pretrained(path / name, use_safetensors=use_st, variant=variants[name], **kw)
+
+            stored = _stored_dtype(path / "unet", variants["unet"])
             unet = part(UNet2DConditionModel, "unet")
             text_encoder = part(CLIPTextModel, "text_encoder")
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reference_nemo import plain_nemo  # noqa: E402
+from reference_nemo import first_divergence, plain_nemo  # noqa: E402
 
 from nemo_surgery.corpus import read_corpus  # noqa: E402
 from nemo_surgery.engine import Runtime, make_engine, open_model  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
         sync()
         return out, time.perf_counter() - t0, sc.sample_passes - n0
 
-    rows = []
+    rows, parted = [], []
     for p in read_corpus(args.corpus).prompts:
         if len(rows) >= args.prompts:
             break
@@ -91,8 +91,14 @@ def main() -> None:
             row[name] = (t, n, same, bool(got.near_threshold))
             line += (f" | {name} {t:6.2f} s {n:5d} samples x{t_plain / t:4.2f}"
                      f" {'same sets' if same else 'SETS DIFFER'}{' (near-threshold decisions)' if got.near_threshold else ''}")
+            if not same:  # which decision the sets part at, and how close to its bar it was
+                parted.append(f"{p.id} {name}: first decision taken differently: "
+                              f"{first_divergence(ref['decisions'], got.decisions)}")
         rows.append(row)
         print(line, flush=True)
+        for x in parted:
+            print("       " + x, flush=True)
+        parted.clear()
     if not rows:
         print("no memorized prompt found")
         return

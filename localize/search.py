@@ -87,6 +87,10 @@ class PromptResult:
     seconds: float = 0.0
     sample_passes: int = 0
     near_threshold: list[dict] = field(default_factory=list)
+    # Every decision in the order taken: (stage, candidate, score, mitigated, threshold). Not
+    # written to results.jsonl (hundreds per prompt); it lets a comparison with another run say
+    # which decision two runs first took differently, and how close to its bar that was.
+    decisions: list[tuple[str, str, float, bool, float]] = field(default_factory=list, repr=False)
 
     def to_record(self) -> dict:
         return {
@@ -368,6 +372,7 @@ class Localizer:
         near: list[dict] = []
 
         def note(stage: str, what: str, score: float, c: Criterion) -> None:
+            res.decisions.append((stage, what, score, c.ok(score), c.threshold))
             if abs(score - c.threshold) < NEAR_THRESHOLD:
                 near.append({"stage": stage, "candidate": what, "score": round(score, 7),
                              "threshold": round(c.threshold, 7)})

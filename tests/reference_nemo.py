@@ -8,7 +8,7 @@ import torch
 
 from nemo_surgery.localize.calibrate import Calibration
 from nemo_surgery.localize.score import Scorer, value_activations
-from nemo_surgery.localize.settings import SearchSettings
+from nemo_surgery.localize.settings import NEAR_THRESHOLD, SearchSettings
 from nemo_surgery.model import ValueLayer
 
 
@@ -36,6 +36,7 @@ def plain_nemo(scorer: Scorer, cal: Calibration, layers: list[ValueLayer], promp
     width = min(v.out_features for v in layers)
     theta_act, k = s.theta_act_start, s.top_k_start
     threshold, fallback = cal.theta_mem, False
+    decisions: list[tuple[str, str, float, bool, float]] = []  # (stage, candidate, score, mitigated, bar)
     while True:
         sel = {}
         for v in layers:
@@ -44,6 +45,7 @@ def plain_nemo(scorer: Scorer, cal: Calibration, layers: list[ValueLayer], promp
                 chosen |= set(torch.topk(acts[v.path][0], min(k, width)).indices.tolist())
             sel[v.path] = chosen
         sc = score(sel)
+        decisions.append(("initial", f"theta_act={theta_act},k={k}", sc, sc < threshold, threshold))
         if sc < threshold:
             break
         if theta_act <= s.theta_act_min or k >= width:
@@ -53,21 +55,51 @@ def plain_nemo(scorer: Scorer, cal: Calibration, layers: list[ValueLayer], promp
         k += s.top_k_step
     initial = {p: sorted(v) for p, v in sel.items() if v}
 
-    def mitigated(x: float) -> bool:
-        return x <= threshold if fallback else x < threshold
+    def mitigated(stage: str, what: str, x: float) -> bool:
+        ok = x <= threshold if fallback else x < threshold
+        decisions.append((stage, what, x, ok, threshold))
+        return ok
 
     current = {p: set(v) for p, v in sel.items() if v}
     # Refinement (a): whole layers, last layer first.
     for v in reversed(layers):
         if v.path in current:
             trial = {p: n for p, n in current.items() if p != v.path}
-            if mitigated(score(trial)):
+            if mitigated("refine-layer", v.path, score(trial)):
                 current = trial
     # Refinement (b): single neurons, last layer first.
     for v in reversed(layers):
         for n in sorted(current.get(v.path, ())):
             trial = {p: (rows - {n} if p == v.path else rows) for p, rows in current.items()}
-            if mitigated(score(trial)):
+            if mitigated("refine-neuron", f"{v.path}[{n}]", score(trial)):
                 current = {p: r for p, r in trial.items() if r}
     return {"memorized": True, "seeds": seeds, "initial": initial,
-            "refined": {p: sorted(v) for p, v in current.items() if v}, "threshold": threshold}
+            "refined": {p: sorted(v) for p, v in current.items() if v}, "threshold": threshold,
+            "decisions": decisions}
+
+
+def first_divergence(plain: list[tuple], engine: list[tuple]) -> str | None:
+    """Where two runs' decision traces (stage, candidate, score, mitigated, threshold) first part,
+    as one line; None if they never do. Up to there both walked the same candidates from the same
+    sets, so that decision is the one the differing sets come from."""
+    for a, b in zip(plain, engine):
+        if a[:2] != b[:2] or a[3] != b[3]:
+            return (f"{a[0]} {a[1]}: plain {a[2]:.7f} ({'drop' if a[3] else 'keep'}) against bar "
+                    f"{a[4]:.7f}, engine {b[2]:.7f} ({'drop' if b[3] else 'keep'}) against {b[4]:.7f}")
+    return None if len(plain) == len(engine) else "one trace is a prefix of the other"
+
+
+def assert_differs_by_float_noise(plain: dict, got) -> None:
+    """Runs on different backends or batch layouts agree within float noise, not bit for bit, so
+    their sets may differ, but only through a decision that sat within float noise of its bar in
+    both: the first decision the two took differently must be one (its score within
+    NEAR_THRESHOLD of the bar on each side, the two bars equal within it too)."""
+    for a, b in zip(plain["decisions"], got.decisions):
+        if a[:2] != b[:2] or a[3] != b[3]:
+            why = first_divergence(plain["decisions"], got.decisions)
+            assert a[:2] == b[:2], f"the traces part on different candidates: {why}"
+            assert abs(a[2] - a[4]) < NEAR_THRESHOLD and abs(b[2] - b[4]) < NEAR_THRESHOLD, \
+                f"a decision away from its bar differs: {why}"
+            assert abs(a[4] - b[4]) < NEAR_THRESHOLD, f"the bars differ: {why}"
+            return
+    raise AssertionError("the sets differ, yet every decision was taken alike")

@@ -42,7 +42,7 @@ def test_batched_engine_matches_plain_algorithm_on_cuda(tmp_path):
     from nemo_surgery.engine import Runtime, make_engine, open_model
     from nemo_surgery.localize.detect import detect
     from nemo_surgery.localize.score import Scorer
-    from reference_nemo import plain_nemo
+    from reference_nemo import assert_differs_by_float_noise, plain_nemo
 
     rt = Runtime(device="cuda", batch_size=160)
     model = open_model(DEMO_MODEL, rt)
@@ -57,4 +57,4 @@ def test_batched_engine_matches_plain_algorithm_on_cuda(tmp_path):
                                      detect(eng.scorer, d, eng.calibration.theta_mem))
         assert got.initial == ref["initial"]
         if got.refined != ref["refined"]:
-            assert got.near_threshold, "sets differ without any reported near-threshold decision"
+            assert_differs_by_float_noise(ref, got)

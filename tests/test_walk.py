@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -94,3 +95,29 @@ def test_scores_decide_as_the_full_check(n, groups, salt, early_exit, easy, thre
             assert got[c] == full[c]
         else:
             assert got[c] <= full[c]
+
+
+def test_differing_sets_are_explained_only_by_a_decision_at_its_bar():
+    """The check the comparisons with the plain algorithm lean on: sets may differ only through the
+    first decision two runs took differently, and only if it sat within float noise of its bar."""
+    from reference_nemo import assert_differs_by_float_noise, first_divergence
+
+    bar = 0.2
+    common = [("initial", "theta_act=5.0,k=0", 0.5, False, bar), ("refine-layer", "mid", 0.1, True, bar)]
+
+    def runs(plain_step, engine_step):
+        return {"decisions": common + [plain_step]}, SimpleNamespace(decisions=common + [engine_step])
+
+    near = runs(("refine-neuron", "a[3]", bar - 3e-6, True, bar), ("refine-neuron", "a[3]", bar + 2e-6, False, bar))
+    assert_differs_by_float_noise(*near)
+    assert "a[3]: plain 0.1999970 (drop)" in first_divergence(near[0]["decisions"], near[1].decisions)
+    far = runs(("refine-neuron", "a[3]", 0.15, True, bar), ("refine-neuron", "a[3]", 0.25, False, bar))
+    with pytest.raises(AssertionError, match="away from its bar"):
+        assert_differs_by_float_noise(*far)
+    alike = runs(("refine-neuron", "a[3]", 0.15, True, bar), ("refine-neuron", "a[3]", 0.15, True, bar))
+    assert first_divergence(alike[0]["decisions"], alike[1].decisions) is None
+    with pytest.raises(AssertionError, match="every decision was taken alike"):
+        assert_differs_by_float_noise(*alike)
+    other = runs(("refine-neuron", "a[3]", bar, True, bar), ("refine-neuron", "a[4]", bar, True, bar))
+    with pytest.raises(AssertionError, match="different candidates"):
+        assert_differs_by_float_noise(*other)

@@ -26,6 +26,7 @@ from reference_nemo import assert_differs_by_float_noise, first_divergence, plai
 from nemo_surgery.corpus import read_corpus  # noqa: E402
 from nemo_surgery.engine import Runtime, make_engine, open_model  # noqa: E402
 from nemo_surgery.localize.detect import detect  # noqa: E402
+from nemo_surgery.localize.score import Scorer  # noqa: E402
 from nemo_surgery.localize.settings import SearchSettings  # noqa: E402
 
 
@@ -52,6 +53,11 @@ def main() -> None:
 
     plain_eng = engine("torch")
     engines = {"torch": plain_eng}
+    # The plain algorithm gets diffusers' own forward with the masks hooked in, as the published
+    # code runs: not the engine's block-by-block forward, whose kept head states would speed up
+    # its sequential passes too.
+    sc = Scorer(plain_eng.model, plain_eng.scorer.settings, args.batch_size, plain_eng.scorer.autocast_dtype)
+    assert sc.unet is None and sc.prefix is None
     fast = engine("auto")
     if fast.scorer.settings.backend != "torch":
         engines[fast.scorer.settings.backend] = fast
@@ -70,7 +76,6 @@ def main() -> None:
     for p in read_corpus(args.corpus).prompts:
         if len(rows) >= args.prompts:
             break
-        sc = plain_eng.scorer
         det = detect(sc, sc.prompt_noise_diffs(sc.embed([p.text])), plain_eng.calibration.theta_mem)
         if not det.memorized:
             continue

@@ -208,7 +208,7 @@ def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Mer
     """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening).
     `journal`: a file the pruning is saved to as it goes and resumed from (removed once the plan
     is made); None: not saved."""
-    with engine.scorer.beside_ort():
+    with engine.scorer.searching():
         return _make_plan(engine, corpus, records, settings, log, embeddings, journal)
 
 

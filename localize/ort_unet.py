@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -45,13 +43,11 @@ from ..errors import NemoError
 from ..model import Model, unet_digest
 from .fused_attention import fused_attention, fused_nodes
 from .masks import ValueMasks
-from .prefix import PrefixLayout, PrefixUNet, gather_points, point_of, row_ids, same_as_diffusers
+from .prefix import (CACHE_BYTES, HeadStates, PrefixLayout, PrefixUNet, distinct, gather_points, head_keys,
+                     head_layers, point_of, row_ids, same_as_diffusers, split_point)
 
 
 FORMAT = 5  # bump when the graph's inputs, outputs or rewriting change
-# Head states kept between passes (`OrtUNet`): a few per seed are what refinement reuses; at
-# SD 1.x's 64 px latents a state is about 22 MB.
-CACHE_BYTES = 512 << 20
 OPSET = 17
 
 
@@ -99,20 +95,6 @@ class _Tail(nn.Module):
     def forward(self, h, emb, text, *rest):
         res, rest = list(rest[:self.n_res]), rest[self.n_res:]
         return self.prefix.tail(self.split, (h, emb, text, res), rest[:self.n_layers], list(rest[self.n_layers:]))
-
-
-def split_point(points: list[str]) -> int:
-    """The gather point the search graph is cut at: after the transformer blocks of the first
-    level that has them (the highest resolution, where attention costs most). Refinement walks
-    the later layers first, and while it does, everything before the cut is the same in every
-    pass: `OrtUNet` keeps it from pass to pass."""
-    block = points[0].split(".attentions.")[0]
-    return sum(q.split(".attentions.")[0] == block for q in points)
-
-
-def head_layers(layers: list[tuple[str, int]], points: list[str], split: int) -> int:
-    """How many of the value layers (in model order) lie before the cut: the head's."""
-    return sum(1 for p, _ in layers if point_of(p, points) < split)
 
 
 STATE = ["h", "emb", "text"]  # then res_0, res_1, ...: the head's outputs, the tail's first inputs
@@ -167,10 +149,7 @@ class OrtUNet:
         self.head = ort_session(self.folder / "head" / "model.onnx", threads=1)
         self.tail = ort_session(self.folder / "tail" / "model.onnx", threads=1)
         self.state_names = [o.name for o in self.head.get_outputs()]
-        self.cache: OrderedDict[bytes, tuple[np.ndarray, ...]] = OrderedDict()
-        self.cache_bytes, self.cache_cap = 0, cache_bytes
-        self.lock = threading.Lock()
-        self.head_rows = 0  # head states computed (the rest came from the cache): for tests and benchmarks
+        self.cache = HeadStates(cache_bytes)
 
     @property
     def graphs(self) -> list[Path]:
@@ -222,7 +201,7 @@ class OrtUNet:
             parts = [self._feeds(x[c], t, e[c], m[c], rows[c]) for c in np.array_split(order, n)]
             work = [lambda part=part: self.run(*part) for part in parts]
         else:
-            keys = self._head_keys(x, t, e, m, rows)
+            keys = head_keys(rows, lambda i: x[i].tobytes() + e[i].tobytes(), t, m[:, :self.head_width])
             work = [lambda c=c: self._run_split(x[c], t, e[c], m[c], [keys[i] for i in c])
                     for c in np.array_split(order, n)]
         out = np.empty((b, *x.shape[1:]), dtype=np.float32)
@@ -230,34 +209,15 @@ class OrtUNet:
         out[order] = np.concatenate(done)
         return torch.from_numpy(out)
 
-    def _head_keys(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray, rows: np.ndarray) -> list[bytes]:
-        """Each sample's head state, named by what determines it: its latent, prompt and timestep
-        (hashed) and its masks before the split."""
-        digest = {}
-        for i, r in enumerate(rows):
-            if r not in digest:
-                digest[r] = hashlib.blake2b(x[i].tobytes() + e[i].tobytes() + np.float32(t).tobytes(),
-                                            digest_size=16).digest()
-        bits = np.packbits(m[:, :self.head_width] == 0, axis=1)
-        return [digest[r] + bits[i].tobytes() for i, r in enumerate(rows)]
-
     def _run_split(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray, keys: list[bytes]) -> np.ndarray:
-        uniq: dict[bytes, int] = {}
-        kid = np.array([uniq.setdefault(k, len(uniq)) for k in keys], dtype=np.int64)
-        first = np.full(len(uniq), len(kid), dtype=np.int64)
-        np.minimum.at(first, kid, np.arange(len(kid)))
-        names = list(uniq)
-        with self.lock:
-            states = [self.cache.get(k) for k in names]
-            for k, st in zip(names, states):
-                if st is not None:
-                    self.cache.move_to_end(k)
+        names, kid, first = distinct(keys)
+        states = self.cache.get(names)
         missing = [j for j, st in enumerate(states) if st is None]
         if missing:
             for j, st in zip(missing, self._run_head(x[first[missing]], t, e[first[missing]],
                                                      m[first[missing], :self.head_width])):
                 states[j] = st
-            self._keep([(names[j], states[j]) for j in missing])
+            self.cache.put([(names[j], states[j]) for j in missing])
         tree = self.tail_layout.tree(m[:, self.head_width:], kid)  # level -1: the head states, in `names` order
         f = {name: np.stack([st[c] for st in states]) for c, name in enumerate(self.state_names)}
         for li, mask in enumerate(tree.masks):
@@ -276,26 +236,12 @@ class OrtUNet:
         for g, ix in enumerate(tree.gathers[:self.split]):  # the last level has no layers: the identity
             f[f"gather_{g}"] = ix
         outs = self.head.run(None, f)
-        with self.lock:  # two runs of a pass count at once
-            self.head_rows += len(outs[0])
         return [tuple(o[r].copy() for o in outs) for r in tree.out]
-
-    def _keep(self, items: list[tuple[bytes, tuple[np.ndarray, ...]]]) -> None:
-        with self.lock:
-            for k, st in items:
-                if k not in self.cache:
-                    self.cache[k] = st
-                    self.cache_bytes += sum(a.nbytes for a in st)
-            while self.cache_bytes > self.cache_cap and len(self.cache) > 1:
-                _, old = self.cache.popitem(last=False)
-                self.cache_bytes -= sum(a.nbytes for a in old)
 
     def clear(self) -> None:
         """Forget the kept head states."""
         if self.split is not None:
-            with self.lock:
-                self.cache.clear()
-                self.cache_bytes = 0
+            self.cache.clear()
 
     def close(self) -> None:
         if self.pool is not None:

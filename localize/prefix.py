@@ -13,7 +13,11 @@ candidates' first) thus computes each block no more often than its samples diffe
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +28,9 @@ from .masks import NeuronSet, ValueMasks
 
 
 _GATHER = ("gather",)
+# Head states kept between passes (`HeadStates`): a few per seed are what refinement reuses; at
+# SD 1.x's 64 px latents a state is about 22 MB in fp32.
+CACHE_BYTES = 512 << 20
 
 
 def _steps(u: nn.Module) -> list[tuple]:
@@ -154,6 +161,81 @@ def gather_points(model: Model) -> list[str] | None:
     return points
 
 
+def split_point(points: list[str]) -> int:
+    """The gather point the search pass is cut at: after the transformer blocks of the first
+    level that has them (the highest resolution, where attention costs most). Refinement walks
+    the later layers first, and while it does, everything before the cut is the same in every
+    pass: its states are kept from pass to pass (`HeadStates`)."""
+    block = points[0].split(".attentions.")[0]
+    return sum(q.split(".attentions.")[0] == block for q in points)
+
+
+def head_layers(layers: list[tuple[str, int]], points: list[str], split: int) -> int:
+    """How many of the value layers (in model order) lie before the cut: the head's."""
+    return sum(1 for p, _ in layers if point_of(p, points) < split)
+
+
+def head_keys(rows: np.ndarray, row_bytes: Callable[[int], bytes], timestep: float,
+              head_mask: np.ndarray) -> list[bytes]:
+    """Each sample's head state, named by what determines it: its latent, prompt and timestep
+    (`row_bytes(i)`: sample i's latent and prompt, hashed once per distinct row) and its masks
+    before the cut."""
+    digest: dict[int, bytes] = {}
+    for i, r in enumerate(rows.tolist()):
+        if r not in digest:
+            digest[r] = hashlib.blake2b(row_bytes(i) + np.float32(timestep).tobytes(), digest_size=16).digest()
+    bits = np.packbits(head_mask == 0, axis=1)
+    return [digest[r] + bits[i].tobytes() for i, r in enumerate(rows.tolist())]
+
+
+def distinct(keys: list[bytes]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """The distinct keys in order of first appearance, each sample's index among them, and the
+    first sample of each."""
+    uniq: dict[bytes, int] = {}
+    kid = np.array([uniq.setdefault(k, len(uniq)) for k in keys], dtype=np.int64)
+    first = np.full(len(uniq), len(kid), dtype=np.int64)
+    np.minimum.at(first, kid, np.arange(len(kid)))
+    return list(uniq), kid, first
+
+
+class HeadStates:
+    """Head states (tuples of arrays or tensors) kept from pass to pass, least recently used
+    dropped first beyond `cap` bytes. Thread-safe: two runs of a pass share it."""
+
+    def __init__(self, cap: int = CACHE_BYTES):
+        self.items: OrderedDict[bytes, tuple] = OrderedDict()
+        self.bytes, self.cap = 0, cap
+        self.lock = threading.Lock()
+        self.computed = 0  # states computed (the rest came from here): for tests and benchmarks
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, keys: list[bytes]) -> list[tuple | None]:
+        with self.lock:
+            found = [self.items.get(k) for k in keys]
+            for k, st in zip(keys, found):
+                if st is not None:
+                    self.items.move_to_end(k)
+        return found
+
+    def put(self, items: list[tuple[bytes, tuple]]) -> None:
+        with self.lock:
+            self.computed += len(items)
+            for k, st in items:
+                if k not in self.items:
+                    self.items[k] = st
+                    self.bytes += sum(a.nbytes for a in st)
+            while self.bytes > self.cap and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= sum(a.nbytes for a in old)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.bytes = 0
+
+
 def point_of(path: str, points: list[str]) -> int:
     """The gather point a value layer's rows come from: its own transformer block's, or for an
     up-path layer the one before the up path (len(points))."""
@@ -242,13 +324,22 @@ class Tree:
 
 
 class TorchPrefixUNet:
-    """The search's UNet pass on torch with each block computed once per distinct state (`Tree`);
-    called as the Scorer calls a UNet (inputs on the model's device, in its dtype)."""
+    """The search's UNet pass on torch with each block computed once per distinct state (`Tree`),
+    cut at `split_point` as the search graph is: the head's states are kept from pass to pass
+    (`HeadStates`), so a pass whose samples differ only after the cut runs the tail alone. Called
+    as the Scorer calls a UNet (inputs on the model's device, in its dtype)."""
 
-    def __init__(self, model: Model, points: list[str]):
+    def __init__(self, model: Model, points: list[str], cache_bytes: int = CACHE_BYTES):
         self.module = PrefixUNet(model, points).eval()
-        self.layout = PrefixLayout([(v.path, v.out_features) for v in model.value_layers], points)
+        layers = [(v.path, v.out_features) for v in model.value_layers]
+        self.layout = PrefixLayout(layers, points)
         self.device = model.device
+        self.split = split_point(points)
+        n_head = head_layers(layers, points, self.split)
+        self.head_width = sum(w for _, w in layers[:n_head])
+        self.head_layout = PrefixLayout(layers[:n_head], points[:self.split])
+        self.tail_layout = PrefixLayout(layers[n_head:], points[self.split:])
+        self.cache = HeadStates(cache_bytes)
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -258,18 +349,51 @@ class TorchPrefixUNet:
         _, xi = torch.unique(sample.reshape(b, -1), dim=0, return_inverse=True)
         _, ei = torch.unique(text.reshape(b, -1), dim=0, return_inverse=True)
         rows = (xi * b + ei).cpu().numpy()
-        tree = self.layout.tree(self.layout.mask(sets, b), rows)
-        dev = self.device
-        masks = [torch.from_numpy(x).to(dev) for x in tree.masks]
+        m = self.layout.mask(sets, b)
+        t = float(timestep.reshape(-1)[0])
+        # Only each distinct row's first sample leaves the device, to be named.
+        firsts = {r: i for i, r in reversed(list(enumerate(rows.tolist())))}
+        host = {i: sample[i].float().cpu().numpy().tobytes() + text[i].float().cpu().numpy().tobytes()
+                for i in firsts.values()}
+        names, kid, first = distinct(head_keys(rows, lambda i: host[firsts[int(rows[i])]], t, m[:, :self.head_width]))
+        states = self.cache.get(names)
+        missing = [j for j, st in enumerate(states) if st is None]
+        if missing:
+            idx = first[missing]
+            for j, st in zip(missing, self._head(sample[idx], timestep, text[idx], m[idx, :self.head_width], rows[idx])):
+                states[j] = st
+            self.cache.put([(names[j], states[j]) for j in missing])
+        tree = self.tail_layout.tree(m[:, self.head_width:], kid)  # level -1: the head states, in `names` order
+        h, emb, ehs, *res = (torch.stack(parts) for parts in zip(*states))
+        y = self.module.tail(self.split, (h, emb, ehs, res), self._masks(tree), self._gathers(tree))
+        return y if len(y) == b and np.array_equal(tree.out, np.arange(b)) else y[torch.from_numpy(tree.out).to(self.device)]
+
+    def _head(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, m: np.ndarray,
+              rows: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
+        """The head state of each sample (one sample per distinct key), each its own copy, so that
+        a kept state holds its own memory and no other's."""
+        tree = self.head_layout.tree(m, rows)
+        r = torch.from_numpy(tree.rep).to(self.device)
+        # The head's last level has no layers: its gather is the identity.
+        h, emb, ehs, res = self.module.head(self.split, sample[r], timestep.to(self.device).expand(len(r)), text[r],
+                                            self._masks(tree), self._gathers(tree)[:self.split])
+        return [tuple(x[o].clone() for x in (h, emb, ehs, *res)) for o in tree.out.tolist()]
+
+    def _masks(self, tree: Tree) -> list[torch.Tensor]:
+        return [torch.from_numpy(x).to(self.device) for x in tree.masks]
+
+    def _gathers(self, tree: Tree) -> list[torch.Tensor | None]:
+        """The tree's gathers, one that keeps every state in order left out (None): no copy."""
         sizes = tree.states
-        # A gather that keeps every state in order is left out (None): no copy.
-        gathers = [None if n == sizes[g] and np.array_equal(ix, np.arange(n)) else torch.from_numpy(ix).to(dev)
-                   for g, (ix, n) in enumerate(zip(tree.gathers, sizes[1:]))]
-        r = torch.from_numpy(tree.rep).to(dev)
-        y = self.module(sample[r], timestep.to(dev).expand(len(tree.rep)), text[r], *masks, *gathers)
-        return y if len(y) == b and np.array_equal(tree.out, np.arange(b)) else y[torch.from_numpy(tree.out).to(dev)]
+        return [None if n == sizes[g] and np.array_equal(ix, np.arange(n)) else torch.from_numpy(ix).to(self.device)
+                for g, (ix, n) in enumerate(zip(tree.gathers, sizes[1:]))]
+
+    def clear(self) -> None:
+        """Forget the kept head states."""
+        self.cache.clear()
 
     def close(self) -> None:
+        self.clear()
         self.module.masks.remove()
 
 

@@ -174,22 +174,23 @@ class Scorer:
         return float(self.seed_scores(d).mean())
 
     @contextlib.contextmanager
-    def beside_ort(self) -> Iterator[None]:
-        """While onnxruntime runs the UNet passes, torch's own work between them (scaling, MS-SSIM)
-        runs on one thread: after each parallel op torch's OpenMP workers spin-wait on the cores
-        onnxruntime's next run needs (measured on 2 cores: 8-12 % of a prompt's search).
-        On the way out the head states onnxruntime kept are dropped: they are named by the
-        prompt's embedding, so no other search uses them, and they can hold hundreds of MB."""
+    def searching(self) -> Iterator[None]:
+        """One search (a prompt's, or a corpus pruning). On the way out the head states the UNet
+        runner kept are dropped: they are named by the search's embeddings, so no other search
+        uses them, and they can hold hundreds of MB. While onnxruntime runs the UNet passes,
+        torch's own work between them (scaling, MS-SSIM) runs on one thread: after each parallel
+        op torch's OpenMP workers spin-wait on the cores onnxruntime's next run needs (measured on
+        2 cores: 8-12 % of a prompt's search)."""
         threads = torch.get_num_threads()
-        if self.unet is None:
-            yield
-            return
-        torch.set_num_threads(1)
+        if self.unet is not None:
+            torch.set_num_threads(1)
         try:
             yield
         finally:
             torch.set_num_threads(threads)
-            self.unet.clear()
+            for runner in (self.unet, self.prefix):
+                if runner is not None:
+                    runner.clear()
 
     def prompt_noise_diffs(self, emb: torch.Tensor) -> torch.Tensor:
         """Unblocked noise differences of one prompt embedding (1, T, D) for every seed."""

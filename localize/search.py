@@ -355,7 +355,7 @@ class Localizer:
 
     def localize(self, pid: str, prompt: str, ptype: str | None, emb: torch.Tensor, d: torch.Tensor,
                  det: Detection) -> PromptResult:
-        with self.scorer.beside_ort():
+        with self.scorer.searching():
             return self._localize(pid, prompt, ptype, emb, d, det)
 
     def _localize(self, pid: str, prompt: str, ptype: str | None, emb: torch.Tensor, d: torch.Tensor,

@@ -20,7 +20,8 @@ from nemo_surgery.errors import NemoError
 from nemo_surgery.localize.detect import detect
 from nemo_surgery.localize.fused_attention import FusedAttnProcessor, _MultiHeadAttention, fused_attention, fused_nodes
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
-from nemo_surgery.localize.ort_unet import CACHE_BYTES, open_ort_unet
+from nemo_surgery.localize.ort_unet import open_ort_unet
+from nemo_surgery.localize.prefix import CACHE_BYTES
 from nemo_surgery.localize.runner import run_corpus
 from nemo_surgery.localize.score import Scorer, value_activations
 from nemo_surgery.localize.search import Localizer
@@ -107,31 +108,7 @@ def test_onnxruntime_backend_agrees_with_torch(tiny, tmp_path):
     emb16, lat16, sets16 = emb[:1].expand(16, -1, -1), exact.latents.repeat_interleave(4, 0), cands * 4
     feeds, _ = unet.feeds(lat16.numpy(), 981.0, emb16.contiguous().numpy(), sets16)
     assert len(feeds["sample"]) == 4 and len(feeds["mask_0"]) == 4 and len(feeds[f"mask_{len(layers) - 1}"]) == 16
-    unet.clear()  # an empty cache: what the head computes is counted below
-    rows0 = unet.head_rows
-    got16 = fast.noise_diff(emb16, lat16, sets16)
-    assert (got16 - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
-    # The head (everything before down_blocks.1) ran once per seed, its states kept: another pass
-    # whose candidates differ only after the cut runs the tail alone, with the same results as
-    # computing everything again.
-    assert unet.head_rows - rows0 == 4 and len(unet.cache) == 4
-    later = [{**common, layers[5]: frozenset({k})} for k in range(4)] * 4
-    got_later = fast.noise_diff(emb16, lat16, later)
-    assert unet.head_rows - rows0 == 4
-    unet.clear()
-    assert (fast.noise_diff(emb16, lat16, later) - got_later).abs().max() < 1e-6
-    assert unet.head_rows - rows0 == 8
-    assert (got_later - exact.noise_diff(emb16, lat16, later)).abs().max() < 1e-4
-    # A candidate that differs before the cut has its own head state; the others' are reused.
-    before = [{**common, layers[0]: frozenset({1})}] + later[1:]
-    fast.noise_diff(emb16, lat16, before)
-    assert unet.head_rows - rows0 == 9
-    # The cache holds at most its budget: the oldest states go first.
-    unet.cache_cap = 2 * sum(a.nbytes for a in next(iter(unet.cache.values())))
-    unet.clear()
-    fast.noise_diff(emb16, lat16, later)
-    assert len(unet.cache) == 2 and unet.cache_bytes <= unet.cache_cap
-    unet.cache_cap = CACHE_BYTES
+    assert_head_states_kept(fast, exact, unet, emb16, lat16, sets16, common, layers)
     # Candidates that part at different layers: each block runs once per distinct state there.
     # Of the four distinct candidates, one parts from the others at layer 4, the rest only in the
     # up path; the first is there twice and computed once.
@@ -369,6 +346,39 @@ def test_batched_engine_takes_the_plain_algorithms_decisions(tiny, criterion):
         assert_plain_decisions(engine, prompt)
 
 
+def assert_head_states_kept(fast, exact, runner, emb16, lat16, sets16, common, layers):
+    """A runner cut after level 0 keeps the head's states from pass to pass: what it computes,
+    what it reuses, and its budget (`prefix.HeadStates`). 16 samples: 4 seeds x `sets16`'s 4
+    candidates, which share `common` and differ from layer 4 on (after the cut)."""
+    cache = runner.cache
+    runner.clear()  # an empty cache: what the head computes is counted below
+    rows0 = cache.computed
+    got16 = fast.noise_diff(emb16, lat16, sets16)
+    assert (got16 - exact.noise_diff(emb16, lat16, sets16)).abs().max() < 1e-4
+    # The head (everything before down_blocks.1) ran once per seed, its states kept: another pass
+    # whose candidates differ only after the cut runs the tail alone, with the same results as
+    # computing everything again.
+    assert cache.computed - rows0 == 4 and len(cache) == 4
+    later = [{**common, layers[5]: frozenset({k})} for k in range(4)] * 4
+    got_later = fast.noise_diff(emb16, lat16, later)
+    assert cache.computed - rows0 == 4
+    runner.clear()
+    assert (fast.noise_diff(emb16, lat16, later) - got_later).abs().max() < 1e-6
+    assert cache.computed - rows0 == 8
+    assert (got_later - exact.noise_diff(emb16, lat16, later)).abs().max() < 1e-4
+    # A candidate that differs before the cut has its own head state; the others' are reused.
+    before = [{**common, layers[0]: frozenset({1})}] + later[1:]
+    got_before = fast.noise_diff(emb16, lat16, before)
+    assert cache.computed - rows0 == 9
+    assert (got_before - exact.noise_diff(emb16, lat16, before)).abs().max() < 1e-4
+    # The cache holds at most its budget: the oldest states go first.
+    cache.cap = 2 * sum(a.nbytes for a in next(iter(cache.items.values())))
+    runner.clear()
+    fast.noise_diff(emb16, lat16, later)
+    assert len(cache) == 2 and cache.bytes <= cache.cap
+    cache.cap = CACHE_BYTES
+
+
 def test_torch_prefix_agrees_with_diffusers_forward(tiny):
     """The torch search pass computes each block once per distinct state (what candidates share
     once per (latent, prompt) row), as the search graph does: same noise differences as diffusers' forward within float noise, and the
@@ -386,6 +396,9 @@ def test_torch_prefix_agrees_with_diffusers_forward(tiny):
         lat = exact.latents.repeat_interleave(4, 0)
         e = emb.expand(16, -1, -1)
         assert (fast.noise_diff(e, lat, sets) - exact.noise_diff(e, lat, sets)).abs().max() < 1e-4
+    assert fast.prefix.split == 2
+    assert_head_states_kept(fast, exact, fast.prefix, emb.expand(16, -1, -1), exact.latents.repeat_interleave(4, 0),
+                            cands * 4, common, layers)
     layout = fast.prefix.layout
     m = layout.mask(cands * 4, 16)
     states = layout.tree(m, np.arange(16) // 4).states  # rows, then each gather point's

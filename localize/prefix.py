@@ -351,11 +351,10 @@ class TorchPrefixUNet:
         rows = (xi * b + ei).cpu().numpy()
         m = self.layout.mask(sets, b)
         t = float(timestep.reshape(-1)[0])
-        # Only each distinct row's first sample leaves the device, to be named.
-        firsts = {r: i for i, r in reversed(list(enumerate(rows.tolist())))}
-        host = {i: sample[i].float().cpu().numpy().tobytes() + text[i].float().cpu().numpy().tobytes()
-                for i in firsts.values()}
-        names, kid, first = distinct(head_keys(rows, lambda i: host[firsts[int(rows[i])]], t, m[:, :self.head_width]))
+        # `head_keys` names each distinct row by its first sample: only those leave the device.
+        names, kid, first = distinct(head_keys(
+            rows, lambda i: sample[i].float().cpu().numpy().tobytes() + text[i].float().cpu().numpy().tobytes(),
+            t, m[:, :self.head_width]))
         states = self.cache.get(names)
         missing = [j for j, st in enumerate(states) if st is None]
         if missing:

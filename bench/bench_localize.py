@@ -131,5 +131,6 @@ def differs_by_float_noise(ref: dict, got) -> bool:
     except AssertionError:
         return False
 
+
 if __name__ == "__main__":
     main()

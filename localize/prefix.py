@@ -351,10 +351,14 @@ class TorchPrefixUNet:
         rows = (xi * b + ei).cpu().numpy()
         m = self.layout.mask(sets, b)
         t = float(timestep.reshape(-1)[0])
-        # `head_keys` names each distinct row by its first sample: only those leave the device.
-        names, kid, first = distinct(head_keys(
-            rows, lambda i: sample[i].float().cpu().numpy().tobytes() + text[i].float().cpu().numpy().tobytes(),
-            t, m[:, :self.head_width]))
+        # `head_keys` names each distinct row by its first sample: only those leave the device,
+        # in one copy each for latents and text (on a GPU, one synchronization, not one per row).
+        _, firsts = np.unique(rows, return_index=True)
+        on_dev = torch.from_numpy(firsts).to(self.device)
+        hx = dict(zip(firsts.tolist(), sample[on_dev].float().cpu().numpy()))
+        he = dict(zip(firsts.tolist(), text[on_dev].float().cpu().numpy()))
+        names, kid, first = distinct(head_keys(rows, lambda i: hx[i].tobytes() + he[i].tobytes(), t,
+                                               m[:, :self.head_width]))
         states = self.cache.get(names)
         missing = [j for j, st in enumerate(states) if st is None]
         if missing:

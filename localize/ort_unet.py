@@ -43,8 +43,8 @@ from ..errors import NemoError
 from ..model import Model, unet_digest
 from .fused_attention import fused_attention, fused_nodes
 from .masks import ValueMasks
-from .prefix import (CACHE_BYTES, HeadStates, PrefixLayout, PrefixUNet, distinct, gather_points, head_keys,
-                     head_layers, point_of, row_ids, same_as_diffusers, split_point)
+from .prefix import (CACHE_BYTES, Cut, HeadStates, PrefixLayout, PrefixUNet, distinct, gather_points, head_keys,
+                     point_of, row_ids, same_as_diffusers)
 
 
 FORMAT = 5  # bump when the graph's inputs, outputs or rewriting change
@@ -137,19 +137,19 @@ class OrtUNet:
         self.points = points
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self.split = None if points is None else split_point(points)
-        if self.split is None:
+        self.cut = None if points is None else Cut.of(layers, points)
+        if self.cut is None:
             self.session = ort_session(self.folder / "model.onnx", threads=1)
             return
-        n_head = head_layers(layers, points, self.split)
-        self.head_width = sum(w for _, w in layers[:n_head])
-        self.n_head_layers = n_head
-        self.head_layout = PrefixLayout(layers[:n_head], points[:self.split])
-        self.tail_layout = PrefixLayout(layers[n_head:], points[self.split:])
         self.head = ort_session(self.folder / "head" / "model.onnx", threads=1)
         self.tail = ort_session(self.folder / "tail" / "model.onnx", threads=1)
         self.state_names = [o.name for o in self.head.get_outputs()]
         self.cache = HeadStates(cache_bytes)
+
+    @property
+    def split(self) -> int | None:
+        """The gather point the graph is cut at; None: one graph, uncut."""
+        return None if self.cut is None else self.cut.split
 
     @property
     def graphs(self) -> list[Path]:
@@ -201,7 +201,7 @@ class OrtUNet:
             parts = [self._feeds(x[c], t, e[c], m[c], rows[c]) for c in np.array_split(order, n)]
             work = [lambda part=part: self.run(*part) for part in parts]
         else:
-            keys = head_keys(rows, lambda i: x[i].tobytes() + e[i].tobytes(), t, m[:, :self.head_width])
+            keys = head_keys(rows, lambda i: x[i].tobytes() + e[i].tobytes(), t, m[:, :self.cut.head_width])
             work = [lambda c=c: self._run_split(x[c], t, e[c], m[c], [keys[i] for i in c])
                     for c in np.array_split(order, n)]
         out = np.empty((b, *x.shape[1:]), dtype=np.float32)
@@ -210,37 +210,37 @@ class OrtUNet:
         return torch.from_numpy(out)
 
     def _run_split(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray, keys: list[bytes]) -> np.ndarray:
+        cut = self.cut
         names, kid, first = distinct(keys)
-        states = self.cache.get(names)
-        missing = [j for j, st in enumerate(states) if st is None]
-        if missing:
-            for j, st in zip(missing, self._run_head(x[first[missing]], t, e[first[missing]],
-                                                     m[first[missing], :self.head_width])):
-                states[j] = st
-            self.cache.put([(names[j], states[j]) for j in missing])
-        tree = self.tail_layout.tree(m[:, self.head_width:], kid)  # level -1: the head states, in `names` order
+
+        def head(missing: list[int]) -> list[tuple[np.ndarray, ...]]:
+            i = first[missing]
+            return self._run_head(x[i], t, e[i], m[i, :cut.head_width])
+
+        states = self.cache.fetch(names, head)
+        tree = cut.tail.tree(m[:, cut.head_width:], kid)  # level -1: the head states, in `names` order
         f = {name: np.stack([st[c] for st in states]) for c, name in enumerate(self.state_names)}
         for li, mask in enumerate(tree.masks):
-            f[f"mask_{self.n_head_layers + li}"] = mask
+            f[f"mask_{cut.n_head + li}"] = mask
         for g, ix in enumerate(tree.gathers):
-            f[f"gather_{self.split + g}"] = ix
+            f[f"gather_{cut.split + g}"] = ix
         return self.tail.run(None, f)[0][tree.out]
 
     def _run_head(self, x: np.ndarray, t: float, e: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         """The head state of each sample (one sample per distinct key)."""
-        tree = self.head_layout.tree(m, row_ids(x, e))
+        tree = self.cut.head.tree(m, row_ids(x, e))
         f = {"sample": x[tree.rep], "timestep": np.full((len(tree.rep),), t, dtype=np.float32),
              "encoder_hidden_states": e[tree.rep]}
         for li, mask in enumerate(tree.masks):
             f[f"mask_{li}"] = mask
-        for g, ix in enumerate(tree.gathers[:self.split]):  # the last level has no layers: the identity
+        for g, ix in enumerate(tree.gathers[:self.cut.split]):  # the last level has no layers: the identity
             f[f"gather_{g}"] = ix
         outs = self.head.run(None, f)
         return [tuple(o[r].copy() for o in outs) for r in tree.out]
 
     def clear(self) -> None:
         """Forget the kept head states."""
-        if self.split is not None:
+        if self.cut is not None:
             self.cache.clear()
 
     def close(self) -> None:
@@ -300,8 +300,8 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
     if points is None:
         graphs = [("search UNet", key, wrapper, make_inputs, ["noise_pred"])]
     else:
-        split = split_point(points)
-        n_head = head_layers(layers, points, split)
+        cut = Cut.of(layers, points)
+        split, n_head = cut.split, cut.n_head
         n_res = sum(1 for st in wrapper.steps[:wrapper.cut(split)] if st[0] == "push") + 1
         head = _Head(wrapper, split, n_head).eval()
         tail = _Tail(wrapper, split, n_res, len(layers) - n_head).eval()

@@ -175,6 +175,25 @@ def head_layers(layers: list[tuple[str, int]], points: list[str], split: int) ->
     return sum(1 for p, _ in layers if point_of(p, points) < split)
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A search pass cut at gather point `split` (`split_point`): how many value layers and mask
+    columns lie before the cut, and the layouts (`PrefixLayout`) of the head and of the tail."""
+
+    split: int
+    n_head: int
+    head_width: int
+    head: "PrefixLayout"
+    tail: "PrefixLayout"
+
+    @classmethod
+    def of(cls, layers: list[tuple[str, int]], points: list[str]) -> "Cut":
+        split = split_point(points)
+        n = head_layers(layers, points, split)
+        return cls(split, n, sum(w for _, w in layers[:n]), PrefixLayout(layers[:n], points[:split]),
+                   PrefixLayout(layers[n:], points[split:]))
+
+
 def head_keys(rows: np.ndarray, row_bytes: Callable[[int], bytes], timestep: float,
               head_mask: np.ndarray) -> list[bytes]:
     """Each sample's head state, named by what determines it: its latent, prompt and timestep
@@ -218,6 +237,17 @@ class HeadStates:
                 if st is not None:
                     self.items.move_to_end(k)
         return found
+
+    def fetch(self, names: list[bytes], compute: Callable[[list[int]], list[tuple]]) -> list[tuple]:
+        """The states named `names`: those kept, and the others computed (`compute(missing)`: the
+        states for those indices of `names`, in order) and kept."""
+        states = self.get(names)
+        missing = [j for j, st in enumerate(states) if st is None]
+        if missing:
+            for j, st in zip(missing, compute(missing)):
+                states[j] = st
+            self.put([(names[j], states[j]) for j in missing])
+        return states
 
     def put(self, items: list[tuple[bytes, tuple]]) -> None:
         with self.lock:
@@ -334,12 +364,12 @@ class TorchPrefixUNet:
         layers = [(v.path, v.out_features) for v in model.value_layers]
         self.layout = PrefixLayout(layers, points)
         self.device = model.device
-        self.split = split_point(points)
-        n_head = head_layers(layers, points, self.split)
-        self.head_width = sum(w for _, w in layers[:n_head])
-        self.head_layout = PrefixLayout(layers[:n_head], points[:self.split])
-        self.tail_layout = PrefixLayout(layers[n_head:], points[self.split:])
+        self.cut = Cut.of(layers, points)
         self.cache = HeadStates(cache_bytes)
+
+    @property
+    def split(self) -> int:
+        return self.cut.split
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -357,29 +387,30 @@ class TorchPrefixUNet:
         on_dev = torch.from_numpy(firsts).to(self.device)
         hx = dict(zip(firsts.tolist(), sample[on_dev].float().cpu().numpy()))
         he = dict(zip(firsts.tolist(), text[on_dev].float().cpu().numpy()))
+        cut = self.cut
         names, kid, first = distinct(head_keys(rows, lambda i: hx[i].tobytes() + he[i].tobytes(), t,
-                                               m[:, :self.head_width]))
-        states = self.cache.get(names)
-        missing = [j for j, st in enumerate(states) if st is None]
-        if missing:
-            idx = first[missing]
-            for j, st in zip(missing, self._head(sample[idx], timestep, text[idx], m[idx, :self.head_width], rows[idx])):
-                states[j] = st
-            self.cache.put([(names[j], states[j]) for j in missing])
-        tree = self.tail_layout.tree(m[:, self.head_width:], kid)  # level -1: the head states, in `names` order
+                                               m[:, :cut.head_width]))
+
+        def head(missing: list[int]) -> list[tuple[torch.Tensor, ...]]:
+            i = first[missing]
+            return self._head(sample[i], timestep, text[i], m[i, :cut.head_width], rows[i])
+
+        states = self.cache.fetch(names, head)
+        tree = cut.tail.tree(m[:, cut.head_width:], kid)  # level -1: the head states, in `names` order
         h, emb, ehs, *res = (torch.stack(parts) for parts in zip(*states))
-        y = self.module.tail(self.split, (h, emb, ehs, res), self._masks(tree), self._gathers(tree))
+        y = self.module.tail(cut.split, (h, emb, ehs, res), self._masks(tree), self._gathers(tree))
         return y if len(y) == b and np.array_equal(tree.out, np.arange(b)) else y[torch.from_numpy(tree.out).to(self.device)]
 
     def _head(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, m: np.ndarray,
               rows: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
         """The head state of each sample (one sample per distinct key), each its own copy, so that
         a kept state holds its own memory and no other's."""
-        tree = self.head_layout.tree(m, rows)
+        split = self.cut.split
+        tree = self.cut.head.tree(m, rows)
         r = torch.from_numpy(tree.rep).to(self.device)
         # The head's last level has no layers: its gather is the identity.
-        h, emb, ehs, res = self.module.head(self.split, sample[r], timestep.to(self.device).expand(len(r)), text[r],
-                                            self._masks(tree), self._gathers(tree)[:self.split])
+        h, emb, ehs, res = self.module.head(split, sample[r], timestep.to(self.device).expand(len(r)), text[r],
+                                            self._masks(tree), self._gathers(tree)[:split])
         return [tuple(x[o].clone() for x in (h, emb, ehs, *res)) for o in tree.out.tolist()]
 
     def _masks(self, tree: Tree) -> list[torch.Tensor]:

@@ -78,15 +78,22 @@ def plain_nemo(scorer: Scorer, cal: Calibration, layers: list[ValueLayer], promp
             "decisions": decisions}
 
 
+def _parting(plain: list[tuple], engine: list[tuple]) -> tuple[tuple, tuple] | None:
+    """The first pair of decisions two traces (stage, candidate, score, mitigated, threshold) took
+    on different candidates or with different outcomes; None if there is none."""
+    return next(((a, b) for a, b in zip(plain, engine) if a[:2] != b[:2] or a[3] != b[3]), None)
+
+
 def first_divergence(plain: list[tuple], engine: list[tuple]) -> str | None:
-    """Where two runs' decision traces (stage, candidate, score, mitigated, threshold) first part,
-    as one line; None if they never do. Up to there both walked the same candidates from the same
-    sets, so that decision is the one the differing sets come from."""
-    for a, b in zip(plain, engine):
-        if a[:2] != b[:2] or a[3] != b[3]:
-            return (f"{a[0]} {a[1]}: plain {a[2]:.7f} ({'drop' if a[3] else 'keep'}) against bar "
-                    f"{a[4]:.7f}, engine {b[2]:.7f} ({'drop' if b[3] else 'keep'}) against {b[4]:.7f}")
-    return None if len(plain) == len(engine) else "one trace is a prefix of the other"
+    """Where two runs' decision traces first part, as one line; None if they never do. Up to there
+    both walked the same candidates from the same sets, so that decision is the one the differing
+    sets come from."""
+    pair = _parting(plain, engine)
+    if pair is None:
+        return None if len(plain) == len(engine) else "one trace is a prefix of the other"
+    a, b = pair
+    return (f"{a[0]} {a[1]}: plain {a[2]:.7f} ({'drop' if a[3] else 'keep'}) against bar "
+            f"{a[4]:.7f}, engine {b[2]:.7f} ({'drop' if b[3] else 'keep'}) against {b[4]:.7f}")
 
 
 def assert_differs_by_float_noise(plain: dict, got) -> None:
@@ -94,12 +101,11 @@ def assert_differs_by_float_noise(plain: dict, got) -> None:
     their sets may differ, but only through a decision that sat within float noise of its bar in
     both: the first decision the two took differently must be one (its score within
     NEAR_THRESHOLD of the bar on each side, the two bars equal within it too)."""
-    for a, b in zip(plain["decisions"], got.decisions):
-        if a[:2] != b[:2] or a[3] != b[3]:
-            why = first_divergence(plain["decisions"], got.decisions)
-            assert a[:2] == b[:2], f"the traces part on different candidates: {why}"
-            assert abs(a[2] - a[4]) < NEAR_THRESHOLD and abs(b[2] - b[4]) < NEAR_THRESHOLD, \
-                f"a decision away from its bar differs: {why}"
-            assert abs(a[4] - b[4]) < NEAR_THRESHOLD, f"the bars differ: {why}"
-            return
-    raise AssertionError("the sets differ, yet every decision was taken alike")
+    pair = _parting(plain["decisions"], got.decisions)
+    assert pair is not None, "the sets differ, yet every decision was taken alike"
+    a, b = pair
+    why = first_divergence(plain["decisions"], got.decisions)
+    assert a[:2] == b[:2], f"the traces part on different candidates: {why}"
+    assert abs(a[2] - a[4]) < NEAR_THRESHOLD and abs(b[2] - b[4]) < NEAR_THRESHOLD, \
+        f"a decision away from its bar differs: {why}"
+    assert abs(a[4] - b[4]) < NEAR_THRESHOLD, f"the bars differ: {why}"

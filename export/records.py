@@ -227,6 +227,17 @@ def sampling_text(gs: dict) -> str:
             f"{fmt(gs.get('reproduced_after'))} after ({pct(gs.get('removed_share'))} removed)")
 
 
+def preservation_text(pr: dict) -> str:
+    """The non-memorized prompts' images in a few words: same-seed SSIM to the original's, against
+    random neurons of the plan's size and against another seed of the original."""
+    mean = section(pr, "ssim_to_original").get("mean")
+    rc = section(pr, "random_control")
+    rand = f", as many random neurons {fmt(section(rc, 'ssim_to_original').get('mean'), 3)}" if rc else ""
+    return (f"non-memorized prompts' images: SSIM to the original's {fmt(mean, 3)} (same seed; 1 = unchanged"
+            f"{rand}; another seed of the original {fmt(pr.get('seed_to_seed'), 3)}), "
+            f"{fmt(pr.get('changed'))} / {fmt(pr.get('prompts'))} changed beyond seed noise")
+
+
 def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
     """(check, result) rows shared by the card and the report, from whatever verify holds."""
     v = info.verify
@@ -244,6 +255,9 @@ def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
     gs = section(v, "generation_summary")
     if mem.get("prompts") and gs:
         rows.append(["full sampling", sampling_text(gs)])
+    pr = section(v, "preservation")
+    if pr.get("prompts"):
+        rows.append(["full sampling, reference prompts", preservation_text(pr)])
     if w:
         rows.append(["weight check", "passed" if w.get("ok") else "FAILED"])
         rows.append(["tensors checked", w.get("tensors_checked")])

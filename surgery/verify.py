@@ -190,32 +190,42 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                         settings: GenSettings = GenSettings(), neurons: dict[str, Any] | None = None,
-                        control_seed: int = 0) -> tuple[dict, list[tuple], dict]:
+                        control_seed: int = 0, reference: list[str] = ()) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
     half of the seeds, and *copies* it when in more than half of the seeds the image is also within
     SSIM `COPY_SSIM` of the training image as the model's VAE reconstructs it. With the plan's
     `neurons`, also the control: the original with as many random neurons zeroed in the same
-    layers (seeded by `control_seed`). Returns the measures,
+    layers (seeded by `control_seed`). The `reference` prompts (never memorized) are sampled in
+    the same runs for `preservation` (summary["preservation"]). Returns the measures,
     (label, before, after) images for the report, and {prompt id: {"original": before, "cleaned":
     after}} for the audit to reuse."""
     with_img = [p for p in prompts if p.image is not None]
-    if not with_img or original.vae is None or cleaned.vae is None:
+    if original.vae is None or cleaned.vae is None:
+        with_img, reference = [], []
+    texts = [p.text for p in with_img] + list(reference)
+    before = after = control = None
+    if texts:
+        before = generate(original, texts, settings)
+        after = generate(cleaned, texts, settings)
+        if neurons:
+            rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed))
+            with zeroed_rows(original, rand):
+                control = generate(original, texts, settings)
+    n = len(with_img)
+    kept = None
+    if reference:
+        kept = preservation(before[n:], after[n:], None if control is None else control[n:], settings)
+        if control is not None:
+            kept["random_control"] |= {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed}
+    if not with_img:
         # Nothing to sample against: the release gate rests on the score alone.
-        return {"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0,
-                "rows": []}, [], {}
+        return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []}
+                | ({"preservation": kept} if kept else {}), [], {})
     size = image_size(original)
     train = {p.id: load_image(p.image, size) for p in with_img}
     recon = {k: reconstruct(original, v) for k, v in train.items()}
-    texts = [p.text for p in with_img]
-    before = generate(original, texts, settings)
-    after = generate(cleaned, texts, settings)
-    control = None
-    if neurons:
-        rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed))
-        with zeroed_rows(original, rand):
-            control = generate(original, texts, settings)
 
     rows, grid = [], []
     for k, p in enumerate(with_img):
@@ -246,8 +256,43 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                                      "removed_share": _gone(was, "reproduced_random"),
                                      "copies": sum(r["copied_random"] for r in rows),
                                      "copies_removed_share": _gone(copied, "copied_random")}
+    if kept:
+        summary["preservation"] = kept
     samples = {p.id: {"original": before[k], "cleaned": after[k]} for k, p in enumerate(with_img)}
     return summary, grid, samples
+
+
+def _spread(xs: list[float]) -> dict:
+    return {"mean": round(float(np.mean(xs)), 4), "median": round(float(np.median(xs)), 4),
+            "min": round(float(np.min(xs)), 4)}
+
+
+def preservation(before: np.ndarray, after: np.ndarray, control: np.ndarray | None,
+                 settings: GenSettings) -> dict:
+    """How far surgery moved the images of prompts it was not aimed at. Each (prompt, seed) image of
+    the cleaned model against the original's for the same prompt and seed (same initial latents,
+    so an untouched model gives SSIM 1). The yardstick is the original's own spread: SSIM between
+    its images of one prompt under different seeds, what an unrelated draw of that prompt looks
+    like. A prompt *changed* when its mean same-seed SSIM falls below that (the full-sampling
+    twin of the first-step reference check). With `control`, the same for as many random neurons:
+    surgery that moves these images no more than random damage of its size is not targeting
+    them, but it still moves them."""
+    n, k = before.shape[:2]
+    same = [[ssim(before[i, s], after[i, s]) for s in range(k)] for i in range(n)]
+    seed = [float(np.mean([ssim(before[i, s], before[i, t]) for s in range(k) for t in range(s + 1, k)]))
+            if k > 1 else 0.0 for i in range(n)]
+    rows = [{"ssim_to_original": round(float(np.mean(x)), 4), "seed_to_seed": round(y, 4)}
+            for x, y in zip(same, seed)]
+    out = {"prompts": n, "seeds": list(settings.seeds), "steps": settings.steps, "guidance": settings.guidance,
+           "ssim_to_original": _spread([v for x in same for v in x]), "seed_to_seed": round(float(np.mean(seed)), 4),
+           "changed": sum(r["ssim_to_original"] < r["seed_to_seed"] for r in rows)}
+    if control is not None:
+        rnd = [[ssim(before[i, s], control[i, s]) for s in range(k)] for i in range(n)]
+        for r, x in zip(rows, rnd):
+            r["random"] = round(float(np.mean(x)), 4)
+        out["random_control"] = {"ssim_to_original": _spread([v for x in rnd for v in x]),
+                                 "changed": sum(r["random"] < r["seed_to_seed"] for r in rows)}
+    return out | {"rows": rows}
 
 
 def _gone(was: list[dict], still: str) -> float:

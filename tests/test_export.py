@@ -178,6 +178,10 @@ def _info(**over) -> ReleaseInfo:
                                      "random_control": {"neurons": 3, "seed": 0, "reproduced": 1,
                                                         "removed_share": 0.0, "copies": 0,
                                                         "copies_removed_share": 1.0}},
+              "preservation": {"prompts": 4, "seeds": [0, 1], "steps": 50, "guidance": 7.5,
+                               "ssim_to_original": {"mean": 0.91, "median": 0.93, "min": 0.72}, "seed_to_seed": 0.31,
+                               "changed": 0, "random_control": {"ssim_to_original": {"mean": 0.88}, "changed": 0,
+                                                                "neurons": 3, "seed": 0}},
               "onnx": {"part": "UNet", "path": "onnx/unet/model.onnx", "max_abs_diff": 3e-7, "bytes": 10}}
     images = [("p1 (VM)", rng.random((2, 64, 64, 3)), rng.random((2, 64, 64, 3)))]
     kw = dict(model_name="tiny-sd", base_model="org/tiny-sd-base", license="creativeml-openrail-m",
@@ -213,6 +217,10 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "within SSIM 0.6 of it as the model's VAE reconstructs it): 1 before, 0 after" in text
     assert "| full sampling | training images reproduced 1 before, 0 after (100.0% removed) |" in text
     assert "100.0% of training-image reproductions removed by full sampling (required: 95.0%)" in text
+    assert "| full sampling, reference prompts | non-memorized prompts' images: SSIM to the original's 0.91 (same " \
+           "seed; 1 = unchanged, as many random neurons 0.88; another seed of the original 0.31), 0 / 4 changed " \
+           "beyond seed noise |" in text
+    assert "mean 0.91, median 0.93, lowest 0.72 (1 = unchanged)" in text
     # No memorized prompt with a training image: the card says nothing was sampled, not "0 before".
     v = _info().verify | {"generation": [], "generation_summary": {"prompts": 0, "reproduced_before": 0,
                                                                    "reproduced_after": 0, "removed_share": 1.0}}

@@ -26,3 +26,25 @@ def test_copy_is_stricter_than_nearest() -> None:
     assert nearest_and_copy_share(images, "a", train, train["a"]) == (2 / 3, 1 / 3)
     # The bar is a parameter: at 0 every image whose nearest is `a` counts.
     assert nearest_and_copy_share(images, "a", train, train["a"], threshold=0.0) == (2 / 3, 2 / 3)
+
+
+def test_preservation_against_seed_noise_and_control() -> None:
+    from nemo_surgery.generation import GenSettings
+    from nemo_surgery.surgery.verify import preservation
+
+    settings = GenSettings(steps=5, seeds=(0, 1, 2))
+    # One prompt's seeds share its picture and differ in the rest, as a model's draws do.
+    before = np.stack([np.stack([0.6 * _photo(i) + 0.4 * _photo(10 + 10 * i + s) for s in range(3)])
+                       for i in range(2)])
+    rng = np.random.default_rng(7)
+    noisy = np.clip(before + rng.normal(0, 0.02, before.shape), 0, 1).astype(np.float32)
+    other = np.stack([np.stack([_photo(100 + 10 * i + s) for s in range(3)]) for i in range(2)])
+
+    same = preservation(before, before, None, settings)
+    assert same["ssim_to_original"] == {"mean": 1.0, "median": 1.0, "min": 1.0} and same["changed"] == 0
+    assert "random_control" not in same and same["prompts"] == 2 and same["seeds"] == [0, 1, 2]
+    # Unrelated images are as far from the original's as another seed is: changed, on both prompts.
+    moved = preservation(before, other, noisy, settings)
+    assert moved["changed"] == 2 and moved["random_control"]["changed"] == 0
+    assert moved["ssim_to_original"]["mean"] < moved["random_control"]["ssim_to_original"]["mean"] < 1
+    assert [r["seed_to_seed"] for r in moved["rows"]] == [r["seed_to_seed"] for r in same["rows"]]

@@ -14,7 +14,9 @@ Optional: the memorized captions with a plan's neurons zeroed (--plan), only its
 ones (--curve), each with its own refined set zeroed (--results), or whole layers zeroed
 (--bounds), against as many random neurons. Reproductions are counted two ways: own image nearest
 in more than half of the seeds (as `verify` counts), and copies (own image nearest and SSIM to its
-reconstruction >= 0.6 in >= 3 of 4 seeds, the training target above).
+reconstruction >= 0.6 in >= 3 of 4 seeds, the training target above). Each of these also samples
+the held-out captions and gives their images' SSIM to the original's for the same seeds (1 =
+unchanged): what the zeroing costs prompts it is not aimed at.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from nemo_surgery.corpus import evenly_spaced, read_corpus
 from nemo_surgery.generation import (REPRODUCED_ABOVE, GenSettings, generate, image_size, load_image, reconstruct,
                                      ssim)
 from nemo_surgery.model import load_model, random_rows, select_layers, zeroed_rows
+from nemo_surgery.surgery.verify import preservation
 
 HERE = Path(__file__).resolve().parent
 SSIM_TARGET = 0.6
@@ -109,15 +112,17 @@ def main() -> int:
     print("targets met" if report["summary"]["targets_met"] else "targets MISSED")
     # The memorized captions' images above, as the baseline of every comparison below.
     original = reproduction(imgs[:len(mem)], mem, train, recon)
+    # Every blocking below also samples the held-out captions: what it costs prompts it is not aimed at.
+    m = Measure(model, mem, held, train, recon, gs, imgs[len(mem):])
     if args.plan:
-        report["blocking"] = compare_blocking(model, args.plan, mem, train, recon, gs, original)
+        report["blocking"] = compare_blocking(m, args.plan, original)
         if args.curve:
             sizes = [int(k) for k in args.curve.split(",")]
-            report["curve"] = curve(model, args.plan, sizes, mem, train, recon, gs, original)
+            report["curve"] = curve(m, args.plan, sizes, original)
     if args.results:
         report["own_sets"] = compare_own_sets(model, args.results, mem, gs)
     if args.bounds:
-        report["bounds"] = bounds(model, mem, train, recon, gs, original)
+        report["bounds"] = bounds(m, original)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["summary"]["targets_met"] else 1
@@ -149,6 +154,25 @@ def reproduction(imgs: np.ndarray, mem: list, train: dict, recon: dict) -> dict:
             "reproduced": [p.id for p, x in zip(mem, per) if x > REPRODUCED_ABOVE], "copied": copied}
 
 
+class Measure:
+    """Sampling with some neurons zeroed: reproduction of the memorized captions, and the held-out
+    captions' images against the original's for the same seeds (SSIM, 1 = unchanged)."""
+
+    def __init__(self, model, mem: list, held: list[str], train: dict, recon: dict, gs: GenSettings,
+                 held_before: np.ndarray):
+        self.model, self.mem, self.held, self.train, self.recon, self.gs = model, mem, held, train, recon, gs
+        self.held_before = held_before
+
+    def __call__(self, neurons: dict) -> dict:
+        with zeroed_rows(self.model, neurons):
+            imgs = generate(self.model, [p.text for p in self.mem] + self.held, self.gs)
+        out = reproduction(imgs[:len(self.mem)], self.mem, self.train, self.recon)
+        if self.held:
+            kept = preservation(self.held_before, imgs[len(self.mem):], None, self.gs)
+            out["held_out_ssim_to_original"] = kept["ssim_to_original"]["mean"]
+        return out
+
+
 def removed(before: dict, after: dict) -> str:
     out = []
     for key, what in (("reproduced", "reproductions"), ("copied", "copies")):
@@ -157,27 +181,20 @@ def removed(before: dict, after: dict) -> str:
     return ", ".join(out)
 
 
-def compare_blocking(model, plan_path: Path, mem: list, train: dict, recon: dict, gs: GenSettings,
-                     original: dict) -> dict:
+def compare_blocking(measure: Measure, plan_path: Path, original: dict) -> dict:
     """Reproduction with the plan's neurons zeroed against as many random neurons per layer
     (seeded): does the plan hit memorization specifically, or is any damage enough?"""
     from nemo_surgery.plan import Plan
 
     plan = Plan.load(plan_path)
-    rand = random_rows(model.shapes, plan.layers, torch.Generator().manual_seed(0))
-    texts = [p.text for p in mem]
-    out = {"neurons": plan.n_neurons, "original": original}
-    with zeroed_rows(model, plan.layers):
-        out["plan"] = reproduction(generate(model, texts, gs), mem, train, recon)
-    with zeroed_rows(model, rand):
-        out["random"] = reproduction(generate(model, texts, gs), mem, train, recon)
-    print(f"\nblocking {plan.n_neurons} neurons (memorized captions, {len(gs.seeds)} seeds each):")
+    rand = random_rows(measure.model.shapes, plan.layers, torch.Generator().manual_seed(0))
+    out = {"neurons": plan.n_neurons, "original": original, "plan": measure(plan.layers), "random": measure(rand)}
+    print(f"\nblocking {plan.n_neurons} neurons (memorized captions, {len(measure.gs.seeds)} seeds each):")
     show(out, ("original", "plan", "random"))
     return out
 
 
-def curve(model, plan_path: Path, sizes: list[int], mem: list, train: dict, recon: dict, gs: GenSettings,
-          original: dict) -> dict:
+def curve(measure: Measure, plan_path: Path, sizes: list[int], original: dict) -> dict:
     """Removal as the plan grows: its K most needed neurons (the order `--max-neurons` keeps)
     against K random neurons drawn in the same layers, twice: whether the plan's neurons remove
     more than random ones before most of a layer is gone, when damage of any kind removes a lot."""
@@ -188,18 +205,13 @@ def curve(model, plan_path: Path, sizes: list[int], mem: list, train: dict, reco
     counts = {path: {n: c for n, c in plan.counts.get(path, {}).items() if n in rows}
               for path, rows in plan.layers.items()}
     ranked = most_needed(counts)
-    texts = [p.text for p in mem]
     out: dict = {"original": original, "sizes": {}}
     print(f"\nthe plan's K most needed of its {plan.n_neurons} neurons, against K random neurons in the same layers:")
     for k in sizes:
         top = as_layers(ranked[:k])
-        row: dict = {}
-        with zeroed_rows(model, top):
-            row["plan"] = reproduction(generate(model, texts, gs), mem, train, recon)
+        row: dict = {"plan": measure(top)}
         for draw in (0, 1):
-            rand = random_rows(model.shapes, top, torch.Generator().manual_seed(draw))
-            with zeroed_rows(model, rand):
-                row[f"random {draw}"] = reproduction(generate(model, texts, gs), mem, train, recon)
+            row[f"random {draw}"] = measure(random_rows(measure.model.shapes, top, torch.Generator().manual_seed(draw)))
         out["sizes"][k] = row
         print(f" K = {min(k, len(ranked))}:")
         show({"original": original, **row}, tuple(row))
@@ -211,7 +223,9 @@ def show(out: dict, keys: tuple[str, ...]) -> None:
         r = out[k]
         print(f"  {k:15} own image nearest {r['own_nearest']:.0%}, SSIM to photo {r['ssim_photo']:.3f}, "
               f"to reconstruction {r['ssim_recon']:.3f}"
-              + (f", {removed(out['original'], r)}" if k != "original" else ""))
+              + (f", {removed(out['original'], r)}" if k != "original" else "")
+              + (f"; held-out images SSIM to the original's {r['held_out_ssim_to_original']:.3f}"
+                 if "held_out_ssim_to_original" in r else ""))
 
 
 def compare_own_sets(model, results: Path, mem: list, gs: GenSettings) -> dict:
@@ -228,17 +242,15 @@ def compare_own_sets(model, results: Path, mem: list, gs: GenSettings) -> dict:
     return out
 
 
-def bounds(model, mem: list, train: dict, recon: dict, gs: GenSettings, original: dict) -> dict:
+def bounds(measure: Measure, original: dict) -> dict:
     """What zeroing whole layers removes: the reference for any plan within those layers (a subset
     of rows could in principle disturb an image more, but a target far beyond this is out of reach
     of thresholds). With every value layer zeroed the UNet no longer sees the text at all."""
-    texts = [p.text for p in mem]
     out = {"original": original}
     names = {"up_blocks.*": "up layers", "official": "official layers", "all": "all layers"}
     for spec, name in names.items():
-        layers = select_layers(model.value_layers, spec)
-        with zeroed_rows(model, {v.path: range(v.out_features) for v in layers}):
-            out[name] = reproduction(generate(model, texts, gs), mem, train, recon)
+        layers = select_layers(measure.model.value_layers, spec)
+        out[name] = measure({v.path: range(v.out_features) for v in layers})
         out[name]["neurons"] = sum(v.out_features for v in layers)
     print("\nevery neuron of whole layers zeroed (memorized captions):")
     show(out, ("original", *names.values()))

@@ -54,7 +54,8 @@ class BuildOptions:
     card_include_prompts: bool = False
     license: str | None = None
     base_model: str | None = None
-    verify_reference_prompts: int = 64
+    verify_reference_prompts: int = 64  # re-scored (first step) for drift
+    verify_reference_images: int = 16  # sampled in full before and after for preservation
     force: bool = False
     restart: bool = False
     allow_outside_images: bool = False
@@ -205,7 +206,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     rounds: hardening's plans)."""
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation
-    from .export.records import sampling_text
+    from .export.records import preservation_text, sampling_text
     from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore
 
     tag = f" (round {round_})" if round_ else ""
@@ -220,7 +221,9 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
     equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
     mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
-    gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan))
+    gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan),
+                                             reference=evenly_spaced(ref_prompts, opts.verify_reference_images))
+    kept = gen.pop("preservation", None)
     # Releasable only if the score says memorization is gone AND, where training images are
     # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
     releasable = weights.ok and equiv["exact"] and (
@@ -228,6 +231,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "weights": weights.to_dict(),
               "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
               "generation_summary": {k: v for k, v in gen.items() if k != "rows"},
+              **({"preservation": kept} if kept else {}),
               "seeds": list(range(opts.score.seed_base, opts.score.seed_base + opts.score.seeds)),
               "model_fingerprint": model.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
               "tool": {"name": "nemo-surgery", "version": __version__}}
@@ -237,7 +241,8 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
           f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
           f"{sampling_text(gen)}"
           + (f", {gen['random_control']['reproduced']} with as many random neurons" if "random_control" in gen else "")
-          + (f", near-copies {gen['copies']['before']} -> {gen['copies']['after']}" if "copies" in gen else ""))
+          + (f", near-copies {gen['copies']['before']} -> {gen['copies']['after']}" if "copies" in gen else "")
+          + (f"; {preservation_text(kept)}" if kept else ""))
 
     audit, examples = None, []
     adversarial = work / f"adversarial{suffix}"

@@ -537,12 +537,15 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @click.option("--harden-rounds", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--harden-max-drift", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Stop hardening when this share of reference prompts changes beyond seed noise.")
+@click.option("--verify-reference-images", type=click.IntRange(0), default=16, show_default=True,
+              help="Reference prompts sampled in full from the original and the cleaned model (same seeds) to "
+                   "measure how far surgery moves images it was not aimed at; 0 skips.")
 @audit_options
 @corpus_run_options
 @handle_errors
 def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
           card_include_prompts, license_, base_model, force, restart, audit, model_config, harden, harden_rounds,
-          harden_max_drift, audit_budgets, audit_steps,
+          harden_max_drift, verify_reference_images, audit_budgets, audit_steps,
           audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
           allow_outside_images, ray_address, workers,
           reference, seeds, timestep_index,
@@ -569,7 +572,7 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,
                               sample_steps) if audit else None,
         control_images=control_images, sampling=GenSettings(steps=sample_steps),
-        ray=_ray_settings(ray_address, workers),
+        verify_reference_images=verify_reference_images, ray=_ray_settings(ray_address, workers),
         harden=HardenSettings(harden_rounds, harden_max_drift) if harden else None)
     s = run_build(opts, log)
     log("\n" + s.table())

@@ -110,6 +110,10 @@ def main() -> int:
     print(f"held-out captions ({len(held)} x {args.seeds} seeds): median SSIM to nearest memorized image "
           f"{med:.3f} (target < {HELD_OUT_TARGET})")
     print("targets met" if report["summary"]["targets_met"] else "targets MISSED")
+    seed_noise = preservation(imgs[len(mem):], imgs[len(mem):], None, gs)["seed_to_seed"]
+    report["summary"]["held_out_seed_to_seed_ssim"] = seed_noise
+    print(f"held-out captions: SSIM between two seeds of one caption {seed_noise:.3f} (the scale of the "
+          f"held-out figures below: 1 = unchanged, {seed_noise:.3f} = as far as another seed)")
     # The memorized captions' images above, as the baseline of every comparison below.
     original = reproduction(imgs[:len(mem)], mem, train, recon)
     # Every blocking below also samples the held-out captions: what it costs prompts it is not aimed at.

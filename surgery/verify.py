@@ -30,6 +30,7 @@ from ..plan import Plan
 from .keymap import ldm_to_diffusers
 
 MIN_MITIGATED = 0.95  # share of memorized prompts that must be mitigated for a releasable bundle
+REFERENCE_SHOWN = 4  # reference prompts whose images the report shows before and after
 
 
 @dataclass
@@ -199,7 +200,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     `neurons`, also the control: the original with as many random neurons zeroed in the same
     layers (seeded by `control_seed`). The `reference` prompts (never memorized) are sampled in
     the same runs for `preservation` (summary["preservation"]). Returns the measures,
-    (label, before, after) images for the report, and {prompt id: {"original": before, "cleaned":
+    (label, before, after) images for the report (the first `REFERENCE_SHOWN` reference prompts last), and {prompt id: {"original": before, "cleaned":
     after}} for the audit to reuse."""
     with_img = [p for p in prompts if p.image is not None]
     if original.vae is None or cleaned.vae is None:
@@ -214,15 +215,18 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
             with zeroed_rows(original, rand):
                 control = generate(original, texts, settings)
     n = len(with_img)
-    kept = None
+    kept, shown = None, []
     if reference:
         kept = preservation(before[n:], after[n:], None if control is None else control[n:], settings)
         if control is not None:
             kept["random_control"] |= {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed}
+        # A few of them beside the memorized prompts' images, so a reader sees what the SSIM means.
+        shown = [(f"reference prompt {j + 1} (not memorized)", before[n + j], after[n + j])
+                 for j in range(min(REFERENCE_SHOWN, len(reference)))]
     if not with_img:
         # Nothing to sample against: the release gate rests on the score alone.
         return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []}
-                | ({"preservation": kept} if kept else {}), [], {})
+                | ({"preservation": kept} if kept else {}), shown, {})
     size = image_size(original)
     train = {p.id: load_image(p.image, size) for p in with_img}
     recon = {k: reconstruct(original, v) for k, v in train.items()}
@@ -258,6 +262,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                                      "copies_removed_share": _gone(copied, "copied_random")}
     if kept:
         summary["preservation"] = kept
+    grid += shown
     samples = {p.id: {"original": before[k], "cleaned": after[k]} for k, p in enumerate(with_img)}
     return summary, grid, samples
 

@@ -85,6 +85,7 @@ def test_plan_verification_and_model_loads(bundle):
     assert pr["seed_to_seed"] < pr["ssim_to_original"]["mean"] < 1 and pr["changed"] <= 2
     assert abs(pr["ssim_to_original"]["mean"] - pr["random_control"]["ssim_to_original"]["mean"]) < 0.15
     assert "Non-memorized prompts: 8 reference prompts" in (out / "README.md").read_text()
+    assert 'alt="reference prompt 4 (not memorized) after 3"' in (out / "report.html").read_text()
     assert verify["releasable"] == (mem["share"] >= verify["min_mitigated"]
                                     and gen["removed_share"] >= verify["min_mitigated"])
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)

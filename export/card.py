@@ -253,8 +253,9 @@ def _hardening(info: ReleaseInfo) -> list[str]:
              f"or reference drift exceeded {pct(as_float(st.get('max_drift')))}. The figures above are those of "
              f"the round kept.", ""]
     lines += _table(["Round", "Neurons (+added / -removed)", "Adversarial inputs localized",
-                     "Re-trigger rate (mean over budgets)", "Reference drift", ""],
-                    [[r[0], r[1], r[2], pct(r[3]), pct(r[4]), r[5]] for r in info.hardening_rows()])
+                     "Re-trigger rate (mean over budgets)", "Reference drift", "Reference images, SSIM to the "
+                     "original's", ""],
+                    [[r[0], r[1], r[2], pct(r[3]), pct(r[4]), fmt(r[5], 3), r[6]] for r in info.hardening_rows()])
     if h.get("stopped"):
         lines += [f"Stopped: {h['stopped']}. Every figure is in `harden.json`."]
     return lines + [""]

@@ -37,7 +37,8 @@ class ReleaseInfo:
 
     def hardening_rows(self) -> list[list[Any]]:
         """Per hardening round: round, neurons (+added/-removed), adversarial inputs localized,
-        mean re-trigger rate, reference drift, whether it was kept."""
+        mean re-trigger rate, reference drift, reference images' SSIM to the original's, whether it
+        was kept."""
         h = self.hardening or {}
         kept = h.get("kept_round")
         out = []
@@ -50,7 +51,7 @@ class ReleaseInfo:
                         f"{r.get('neurons')} (+{r.get('added', 0)} / -{r.get('removed', 0)})",
                         "-" if first else f"{r.get('localized', 0)} of {r.get('adversarial_inputs', 0)}",
                         as_float(r.get("mean_rate")), as_float(r.get("reference_drift")),
-                        "kept" if r.get("round") == kept else ""])
+                        as_float(r.get("reference_ssim")), "kept" if r.get("round") == kept else ""])
         return out
 
     def layers(self) -> dict[str, list[int]]:

@@ -358,7 +358,8 @@ def _hardening(info: ReleaseInfo) -> str:
                        "Hardening rounds", "round", "share")
     return ("<h3>Hardening</h3>" + chart
             + _table(["round", "neurons (+added / -removed)", "adversarial inputs localized", "re-trigger rate",
-                      "reference drift", ""], [[r[0], r[1], r[2], pct(r[3]), pct(r[4]), r[5]] for r in rows])
+                      "reference drift", "reference images, SSIM to the original's", ""],
+                     [[r[0], r[1], r[2], pct(r[3]), pct(r[4]), fmt(r[5], 3), r[6]] for r in rows])
             + f"<p>Stopped: {_e((info.hardening or {}).get('stopped', ''))}</p>")
 
 

@@ -108,7 +108,10 @@ def _row(r: int, ev: Evaluation, prev: Evaluation | None, inputs: int, localized
             "unperturbed_rate": ev.audit["unperturbed"]["cleaned"],
             "never_trained_rate": ev.audit["never_trained_rate"],
             "reference_drift": round(ref["share"], 4), "reference_changed": ref["changed"],
-            "reference_prompts": ref["prompts"], "mitigated_share": round(ev.verify["memorized"]["share"], 4),
+            "reference_prompts": ref["prompts"],
+            # Full sampling's view of the same drift (None where verify sampled no reference prompt).
+            "reference_ssim": ev.verify.get("preservation", {}).get("ssim_to_original", {}).get("mean"),
+            "mitigated_share": round(ev.verify["memorized"]["share"], 4),
             "releasable": ev.verify["releasable"]}
 
 

@@ -52,6 +52,7 @@ def test_a_round_with_nothing_to_merge_says_why():
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not trained")
 def test_build_with_harden_on_demo(tmp_path):
+    from nemo_surgery.export.records import fmt
     from nemo_surgery.surgery.verify import check_weights
 
     # The wall clock and the logo shirt (TM): the published plan does not hold them (even random
@@ -84,7 +85,9 @@ def test_build_with_harden_on_demo(tmp_path):
     assert h["kept_round"] == (1 if r1["mean_rate"] < rounds[0]["mean_rate"] and r1["reference_drift"] <= 0.1
                                else 0)
     assert "harden (round 1)" in proc.stderr and "audit (round 1)" in proc.stderr
+    assert all(0 < r["reference_ssim"] <= 1 for r in rounds)
     card = (out / "README.md").read_text()
     assert "### Hardening" in card and h["stopped"] in card
+    assert f"| {fmt(rounds[0]['reference_ssim'], 3)} |" in card
     assert "Hardening rounds" in (out / "report.html").read_text()
     assert "== harden" in proc.stderr

@@ -91,4 +91,5 @@ def cut_down_demo(data: Path, rows: tuple[int, ...] = (7,)) -> Path:
 # (MS-SSIM 0.9999 against unblocked), so every refinement decision would be a float-noise tie.
 CUT_DOWN_BUILD = ["--seeds", "4", "--calibration-prompts", "6", "--allow-partial", "--force",
                   "--audit-prompts", "1", "--audit-steps", "3", "--audit-budgets", "0.2", "--audit-controls", "1",
-                  "--audit-seeds", "2", "--sample-steps", "10", "--layers", "official", "--no-prune"]
+                  "--audit-seeds", "2", "--sample-steps", "10", "--layers", "official", "--no-prune",
+                  "--verify-reference-images", "4"]

@@ -363,6 +363,16 @@ def _hardening(info: ReleaseInfo) -> str:
             + f"<p>Stopped: {_e((info.hardening or {}).get('stopped', ''))}</p>")
 
 
+def _grid_note(info: ReleaseInfo) -> str:
+    """How many of the measured prompts the pictures show (a corpus of hundreds is not pictured whole)."""
+    total = section(info.verify, "generation_summary").get("prompts")
+    mem = sum("(not memorized)" not in label for label, *_ in info.images)
+    if not isinstance(total, int) or total <= mem:
+        return ""
+    return (f'<p class="muted">Pictured: {mem} of the {total} memorized prompts with a training image, evenly spaced '
+            f"over the corpus; the figures of every one are in verify.json.</p>")
+
+
 def _onnx(info: ReleaseInfo) -> str:
     reps = info.onnx_reports()
     if not reps:
@@ -394,7 +404,7 @@ def render_report(info: ReleaseInfo) -> str:
         _table(["layer", "neurons", "indices"], [[n, len(layers[n]), ", ".join(map(str, layers[n]))] for n in names]
                + [["total", info.total_neurons(), ""]]),
         "<h2>Scores before and after</h2>", _scores_section(info),
-        "<h2>Generations before and after</h2>", image_grid(info.images), _generation(info),
+        "<h2>Generations before and after</h2>", _grid_note(info), image_grid(info.images), _generation(info),
         "<h2>Verification</h2>", _table(["check", "result"], verification_rows(info)), _onnx(info),
         "<h2>Adversarial re-trigger audit</h2>", _audit(info), _hardening(info),
         "<h2>Per-prompt results</h2>", _results_table(info),

@@ -10,6 +10,7 @@ same instrument that found the neurons).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,11 +19,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..corpus import Prompt
+from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
-                          nearest_and_copy_share, nearest_share, reconstruct, ssim)
+                          nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnails)
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
@@ -31,6 +32,8 @@ from .keymap import ldm_to_diffusers
 
 MIN_MITIGATED = 0.95  # share of memorized prompts that must be mitigated for a releasable bundle
 REFERENCE_SHOWN = 4  # reference prompts whose images the report shows before and after
+GRID_SHOWN = 16  # memorized prompts whose images the report shows (evenly spaced over the corpus)
+CHUNK_PROMPTS = 16  # prompts sampled at once in verification: memory stays flat on large corpora
 
 
 @dataclass
@@ -191,7 +194,8 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                         settings: GenSettings = GenSettings(), neurons: dict[str, Any] | None = None,
-                        control_seed: int = 0, reference: list[str] = ()) -> tuple[dict, list[tuple], dict]:
+                        control_seed: int = 0, reference: list[str] = (), keep: set[str] | None = None,
+                        log: Callable[[str], None] = lambda s: None) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
@@ -199,52 +203,58 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     SSIM `COPY_SSIM` of the training image as the model's VAE reconstructs it. With the plan's
     `neurons`, also the control: the original with as many random neurons zeroed in the same
     layers (seeded by `control_seed`). The `reference` prompts (never memorized) are sampled in
-    the same runs for `preservation` (summary["preservation"]). Returns the measures,
-    (label, before, after) images for the report (the first `REFERENCE_SHOWN` reference prompts last), and {prompt id: {"original": before, "cleaned":
-    after}} for the audit to reuse."""
+    the same runs for `preservation` (summary["preservation"]).
+
+    Prompts are sampled `CHUNK_PROMPTS` at a time and measured as they come, so memory does not
+    grow with the corpus. Returns the measures, (label, before, after) images for the report (up
+    to `GRID_SHOWN` memorized prompts, evenly spaced, then the first `REFERENCE_SHOWN` reference
+    prompts), and {prompt id: {"original": before, "cleaned": after}} for the audit to reuse, for
+    the ids in `keep` (None: every prompt)."""
     with_img = [p for p in prompts if p.image is not None]
     if original.vae is None or cleaned.vae is None:
         with_img, reference = [], []
-    texts = [p.text for p in with_img] + list(reference)
-    before = after = control = None
-    if texts:
-        before = generate(original, texts, settings)
-        after = generate(cleaned, texts, settings)
-        if neurons:
-            rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed))
-            with zeroed_rows(original, rand):
-                control = generate(original, texts, settings)
-    n = len(with_img)
-    kept, shown = None, []
-    if reference:
-        kept = preservation(before[n:], after[n:], None if control is None else control[n:], settings)
-        if control is not None:
-            kept["random_control"] |= {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed}
-        # A few of them beside the memorized prompts' images, so a reader sees what the SSIM means.
-        shown = [(f"reference prompt {j + 1} (not memorized)", before[n + j], after[n + j])
-                 for j in range(min(REFERENCE_SHOWN, len(reference)))]
-    if not with_img:
-        # Nothing to sample against: the release gate rests on the score alone.
-        return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []}
-                | ({"preservation": kept} if kept else {}), shown, {})
+    rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed)) if neurons else None
     size = image_size(original)
     train = {p.id: load_image(p.image, size) for p in with_img}
     recon = {k: reconstruct(original, v) for k, v in train.items()}
-
-    rows, grid = [], []
-    for k, p in enumerate(with_img):
-        t = train[p.id]
-        row = {"id": p.id, "type": p.type,
-               "ssim_train_before": float(np.mean([ssim(x, t) for x in before[k]])),
-               "ssim_train_after": float(np.mean([ssim(x, t) for x in after[k]])),
-               "diversity_before": diversity(before[k]), "diversity_after": diversity(after[k])}
-        phases = [("before", before), ("after", after)] + ([("random", control)] if control is not None else [])
-        for phase, images in phases:
-            near, copy = nearest_and_copy_share(images[k], p.id, train, recon[p.id])
-            row |= {f"own_nearest_{phase}": near, f"reproduced_{phase}": near > REPRODUCED_ABOVE,
-                    f"copy_{phase}": copy, f"copied_{phase}": copy > REPRODUCED_ABOVE}
-        rows.append(row)
-        grid.append((f"{p.id} ({p.type or '-'})", before[k], after[k]))
+    near = thumbnails(train)
+    shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
+    items: list[tuple[Prompt | None, str]] = [(p, p.text) for p in with_img] + [(None, t) for t in reference]
+    rows, kept_rows, grid, ref_grid, samples = [], [], [], [], {}
+    t0 = time.perf_counter()
+    for start in range(0, len(items), CHUNK_PROMPTS):
+        chunk = items[start:start + CHUNK_PROMPTS]
+        texts = [t for _, t in chunk]
+        before, after = generate(original, texts, settings), generate(cleaned, texts, settings)
+        control = None
+        if rand is not None:
+            with zeroed_rows(original, rand):
+                control = generate(original, texts, settings)
+        for j, (p, text) in enumerate(chunk):
+            c = None if control is None else control[j]
+            if p is None:
+                kept_rows.append(_preservation_row(before[j], after[j], c))
+                if len(ref_grid) < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
+                    ref_grid.append((f"reference prompt {len(ref_grid) + 1} (not memorized)", before[j], after[j]))
+                continue
+            rows.append(_reproduction_row(p, before[j], after[j], c, train[p.id], recon[p.id], near))
+            if p.id in shown:
+                grid.append((f"{p.id} ({p.type or '-'})", before[j], after[j]))
+            if keep is None or p.id in keep:
+                samples[p.id] = {"original": before[j], "cleaned": after[j]}
+        done = start + len(chunk)
+        log(f"verify: sampled {done}/{len(items)} prompts ({len(with_img)} memorized, {len(reference)} reference) "
+            f"x {len(settings.seeds)} seeds on the original, the cleaned model"
+            f"{' and with as many random neurons' if rand is not None else ''} ({time.perf_counter() - t0:.1f} s)")
+    kept = None
+    if kept_rows:
+        kept = preservation_summary(kept_rows, settings)
+        if rand is not None:
+            kept["random_control"] |= {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed}
+    if not rows:
+        # Nothing to sample against: the release gate rests on the score alone.
+        return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []}
+                | ({"preservation": kept} if kept else {}), ref_grid, {})
     was = [r for r in rows if r["reproduced_before"]]
     copied = [r for r in rows if r["copied_before"]]
     summary = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
@@ -254,7 +264,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                "copies": {"ssim_to_reconstruction": COPY_SSIM, "before": len(copied),
                           "after": sum(r["copied_after"] for r in rows),
                           "removed_share": _gone(copied, "copied_after")}, "rows": rows}
-    if control is not None:
+    if rand is not None:
         summary["random_control"] = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed,
                                      "reproduced": sum(r["reproduced_random"] for r in rows),
                                      "removed_share": _gone(was, "reproduced_random"),
@@ -262,9 +272,23 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                                      "copies_removed_share": _gone(copied, "copied_random")}
     if kept:
         summary["preservation"] = kept
-    grid += shown
-    samples = {p.id: {"original": before[k], "cleaned": after[k]} for k, p in enumerate(with_img)}
-    return summary, grid, samples
+    return summary, grid + ref_grid, samples
+
+
+def _reproduction_row(p: Prompt, before: np.ndarray, after: np.ndarray, control: np.ndarray | None,
+                      train: np.ndarray, recon: np.ndarray, candidates: dict[str, np.ndarray]) -> dict:
+    """One memorized prompt's images (seeds, H, W, 3) before, after and under the control, measured
+    against its training image `train`, its VAE reconstruction and the corpus's `candidates`."""
+    row = {"id": p.id, "type": p.type,
+           "ssim_train_before": float(np.mean([ssim(x, train) for x in before])),
+           "ssim_train_after": float(np.mean([ssim(x, train) for x in after])),
+           "diversity_before": diversity(before), "diversity_after": diversity(after)}
+    phases = [("before", before), ("after", after)] + ([("random", control)] if control is not None else [])
+    for phase, images in phases:
+        near, copy = nearest_and_copy_share(images, p.id, candidates, recon)
+        row |= {f"own_nearest_{phase}": near, f"reproduced_{phase}": near > REPRODUCED_ABOVE,
+                f"copy_{phase}": copy, f"copied_{phase}": copy > REPRODUCED_ABOVE}
+    return row
 
 
 def _spread(xs: list[float]) -> dict:
@@ -272,32 +296,48 @@ def _spread(xs: list[float]) -> dict:
             "min": round(float(np.min(xs)), 4)}
 
 
+def _preservation_row(before: np.ndarray, after: np.ndarray, control: np.ndarray | None) -> dict:
+    """One prompt's images (seeds, H, W, 3): each cleaned (and control) image against the
+    original's for the same seed, and the original's seeds against each other."""
+    k = len(before)
+    row = {"same": [ssim(before[s], after[s]) for s in range(k)],
+           "seed_to_seed": float(np.mean([ssim(before[s], before[t]) for s in range(k) for t in range(s + 1, k)]))
+           if k > 1 else 0.0}
+    if control is not None:
+        row["rand"] = [ssim(before[s], control[s]) for s in range(k)]
+    return row
+
+
+def preservation_summary(rows: list[dict], settings: GenSettings) -> dict:
+    """How far surgery moved the images of prompts it was not aimed at (`_preservation_row` per
+    prompt). Same seed means the same initial latents, so an untouched model gives SSIM 1. The
+    yardstick is the original's own spread: SSIM between its images of one prompt under
+    different seeds, what an unrelated draw of that prompt looks like. A prompt *changed* when
+    its mean same-seed SSIM falls below that (the full-sampling twin of the first-step reference
+    check). With the control, the same for as many random neurons: surgery that moves these
+    images no more than random damage of its size is not targeting them, but it still moves
+    them."""
+    out_rows = []
+    for r in rows:
+        o = {"ssim_to_original": round(float(np.mean(r["same"])), 4), "seed_to_seed": round(r["seed_to_seed"], 4)}
+        if "rand" in r:
+            o["random"] = round(float(np.mean(r["rand"])), 4)
+        out_rows.append(o)
+    out = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
+           "guidance": settings.guidance, "ssim_to_original": _spread([v for r in rows for v in r["same"]]),
+           "seed_to_seed": round(float(np.mean([r["seed_to_seed"] for r in rows])), 4),
+           "changed": sum(o["ssim_to_original"] < o["seed_to_seed"] for o in out_rows)}
+    if rows and all("rand" in r for r in rows):
+        out["random_control"] = {"ssim_to_original": _spread([v for r in rows for v in r["rand"]]),
+                                 "changed": sum(o["random"] < o["seed_to_seed"] for o in out_rows)}
+    return out | {"rows": out_rows}
+
+
 def preservation(before: np.ndarray, after: np.ndarray, control: np.ndarray | None,
                  settings: GenSettings) -> dict:
-    """How far surgery moved the images of prompts it was not aimed at. Each (prompt, seed) image of
-    the cleaned model against the original's for the same prompt and seed (same initial latents,
-    so an untouched model gives SSIM 1). The yardstick is the original's own spread: SSIM between
-    its images of one prompt under different seeds, what an unrelated draw of that prompt looks
-    like. A prompt *changed* when its mean same-seed SSIM falls below that (the full-sampling
-    twin of the first-step reference check). With `control`, the same for as many random neurons:
-    surgery that moves these images no more than random damage of its size is not targeting
-    them, but it still moves them."""
-    n, k = before.shape[:2]
-    same = [[ssim(before[i, s], after[i, s]) for s in range(k)] for i in range(n)]
-    seed = [float(np.mean([ssim(before[i, s], before[i, t]) for s in range(k) for t in range(s + 1, k)]))
-            if k > 1 else 0.0 for i in range(n)]
-    rows = [{"ssim_to_original": round(float(np.mean(x)), 4), "seed_to_seed": round(y, 4)}
-            for x, y in zip(same, seed)]
-    out = {"prompts": n, "seeds": list(settings.seeds), "steps": settings.steps, "guidance": settings.guidance,
-           "ssim_to_original": _spread([v for x in same for v in x]), "seed_to_seed": round(float(np.mean(seed)), 4),
-           "changed": sum(r["ssim_to_original"] < r["seed_to_seed"] for r in rows)}
-    if control is not None:
-        rnd = [[ssim(before[i, s], control[i, s]) for s in range(k)] for i in range(n)]
-        for r, x in zip(rows, rnd):
-            r["random"] = round(float(np.mean(x)), 4)
-        out["random_control"] = {"ssim_to_original": _spread([v for x in rnd for v in x]),
-                                 "changed": sum(r["random"] < r["seed_to_seed"] for r in rows)}
-    return out | {"rows": rows}
+    """`preservation_summary` of arrays (prompts, seeds, H, W, 3)."""
+    return preservation_summary([_preservation_row(before[i], after[i], None if control is None else control[i])
+                                 for i in range(len(before))], settings)
 
 
 def _gone(was: list[dict], still: str) -> float:
@@ -315,7 +355,7 @@ def own_set_specificity(model: Model, prompts: list[Prompt], records: list[dict]
     refined = {str(r["id"]): {k: v for k, v in (r.get("refined") or {}).items() if v} for r in records}
     with_img = [p for p in prompts if p.image is not None and refined.get(p.id)]
     size = image_size(model)
-    train = {p.id: load_image(p.image, size) for p in prompts if p.image is not None}
+    train = thumbnails({p.id: load_image(p.image, size) for p in prompts if p.image is not None})
     g = torch.Generator().manual_seed(seed)
     original = generate(model, [p.text for p in with_img], settings) if with_img else []
     rows = []

@@ -158,3 +158,35 @@ def test_unreadable_image_is_a_one_line_error(tmp_path) -> None:
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(NemoError, match="a.png: not a readable image"):
         load_image(bad, 32)
+
+
+def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, monkeypatch) -> None:
+    """Verification samples a corpus a chunk at a time so memory stays flat: the figures must not
+    depend on the chunking, the report pictures an evenly spaced few, and only the prompts the
+    audit will reuse keep their images."""
+    from PIL import Image
+
+    import nemo_surgery.surgery.verify as verify
+
+    original, cleaned, _, _ = models
+    rng = np.random.default_rng(0)
+    prompts = []
+    for i, text in enumerate(["a red fox", "a blue boat", "a green tree", "a tall tower", "a small bird"]):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        prompts.append(Prompt(f"p{i}", text, None, tmp_path / f"{i}.png", i + 2))
+    gs = GenSettings(steps=3, seeds=(0, 1))
+    neurons = {cleaned.value_layers[0].path: [0, 1, 2, 3]}
+    ref = ["a quiet lake", "an old car", "a sunny field"]
+    whole = verify.generation_measures(original, cleaned, prompts, gs, neurons, reference=ref)
+    monkeypatch.setattr(verify, "CHUNK_PROMPTS", 2)
+    monkeypatch.setattr(verify, "GRID_SHOWN", 2)
+    lines: list[str] = []
+    chunked = verify.generation_measures(original, cleaned, prompts, gs, neurons, reference=ref,
+                                         keep={"p1"}, log=lines.append)
+    assert chunked[0] == whole[0] and whole[0]["prompts"] == 5 and whole[0]["preservation"]["prompts"] == 3
+    assert whole[0]["preservation"]["random_control"]["neurons"] == 4
+    assert len(lines) == 4 and lines[-1].startswith("verify: sampled 8/8 prompts (5 memorized, 3 reference)")
+    labels = [g[0] for g in chunked[1]]
+    assert labels == ["p0 (-)", "p4 (-)"] + [f"reference prompt {k} (not memorized)" for k in (1, 2, 3)]
+    assert len(whole[1]) == 5 + 3 and set(whole[2]) == {f"p{i}" for i in range(5)}
+    assert set(chunked[2]) == {"p1"} and np.array_equal(chunked[2]["p1"]["cleaned"], whole[2]["p1"]["cleaned"])

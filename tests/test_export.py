@@ -299,6 +299,11 @@ def test_report_self_contained(tmp_path: Path) -> None:
            "control: 0." in text
     assert SECRET_A in text and "&lt;script&gt;" in text
     assert "Not run." in text
+    assert "Pictured:" not in text  # the one measured prompt is pictured
+    v = _info().verify
+    v = v | {"generation_summary": v["generation_summary"] | {"prompts": 40}}
+    write_report(tmp_path / "many.html", _info(verify=v))
+    assert "Pictured: 1 of the 40 memorized prompts with a training image" in (tmp_path / "many.html").read_text()
 
 
 def test_report_withholds_prompts_and_tolerates_sparse_input(tmp_path: Path) -> None:

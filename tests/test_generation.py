@@ -48,3 +48,18 @@ def test_preservation_against_seed_noise_and_control() -> None:
     assert moved["changed"] == 2 and moved["random_control"]["changed"] == 0
     assert moved["ssim_to_original"]["mean"] < moved["random_control"]["ssim_to_original"]["mean"] < 1
     assert [r["seed_to_seed"] for r in moved["rows"]] == [r["seed_to_seed"] for r in same["rows"]]
+
+
+def test_nearest_search_compares_thumbnails() -> None:
+    from nemo_surgery.generation import NEAREST_PX, thumbnail, thumbnails
+
+    big = {k: np.kron(_photo(s), np.ones((4, 4, 1), dtype=np.float32)) for k, s in (("a", 0), ("b", 1))}  # 256 px
+    small = thumbnails(big)
+    assert small["a"].shape == (NEAREST_PX, NEAREST_PX, 3)
+    assert thumbnail(small["a"]) is small["a"]  # already small enough: as it is, not copied
+    rng = np.random.default_rng(3)
+    copy = np.clip(big["a"] + rng.normal(0, 0.01, big["a"].shape), 0, 1).astype(np.float32)
+    images = np.stack([copy, big["b"]])
+    # Full-size and ready-made candidates give the same answer; SSIM to the own image stays full size.
+    assert nearest_share(images, "a", big) == nearest_share(images, "a", small) == 1 / 2
+    assert nearest_and_copy_share(images, "a", small, big["a"]) == (1 / 2, 1 / 2)

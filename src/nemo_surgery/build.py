@@ -221,8 +221,12 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
     equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
     mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
+    # The audit reuses the unperturbed generations of the prompts it attacks; only those are kept.
+    a = opts.audit
+    keep = set() if a is None else None if not a.max_prompts else {p.id for p in evenly_spaced(mem_prompts, a.max_prompts)}
     gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan),
-                                             reference=evenly_spaced(ref_prompts, opts.verify_reference_images))
+                                             reference=evenly_spaced(ref_prompts, opts.verify_reference_images),
+                                             keep=keep, log=log)
     kept = gen.pop("preservation", None)
     # Releasable only if the score says memorization is gone AND, where training images are
     # known, full sampling no longer reproduces them: the first-step score alone can be fooled.

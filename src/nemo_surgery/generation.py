@@ -19,6 +19,11 @@ REPRODUCED_ABOVE = 0.5  # share of seeds whose nearest image is the target: a ma
 # SSIM to the training image as the model's own VAE reconstructs it (the closest the model can
 # draw it) from which a generation nearest to that image counts as a near-copy of it.
 COPY_SSIM = 0.6
+# The nearest-image search compares images of at most this size (box-averaged down): it is the
+# one measure that grows with the square of the corpus (every generation against every training
+# image), and SSIM costs 36 ms at 512 px against 1.7 ms at 128. SSIM to the own image and to its
+# reconstruction stay at full size.
+NEAREST_PX = 128
 GUIDANCE = 7.5  # Stable Diffusion's default classifier-free guidance for sampling
 STEPS = 50
 
@@ -106,9 +111,26 @@ def reconstruct(model: Model, image: np.ndarray) -> np.ndarray:
     return ((y[0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)
 
 
+def thumbnail(image: np.ndarray, px: int = NEAREST_PX) -> np.ndarray:
+    """`image` box-averaged down to at most `px` on its longer side; smaller ones as they are."""
+    h, w = image.shape[:2]
+    if max(h, w) <= px:
+        return image
+    f = px / max(h, w)
+    img = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
+    small = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def thumbnails(candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Candidates made ready for the nearest-image search once, not at every query."""
+    return {k: thumbnail(v) for k, v in candidates.items()}
+
+
 def _nearest(image: np.ndarray, candidates: dict[str, np.ndarray]) -> str:
-    """The candidate most similar (SSIM) to `image`."""
-    sims = {k: ssim(image, v) for k, v in candidates.items()}
+    """The candidate most similar (SSIM) to `image`, compared as thumbnails."""
+    q = thumbnail(image)
+    sims = {k: ssim(q, thumbnail(v)) for k, v in candidates.items()}
     return max(sims, key=sims.get)
 
 

@@ -23,7 +23,7 @@ from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
-                          nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnails)
+                          nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnail, thumbnails)
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
@@ -214,12 +214,12 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     if original.vae is None or cleaned.vae is None:
         with_img, reference = [], []
     rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed)) if neurons else None
-    size = image_size(original)
-    train = {p.id: load_image(p.image, size) for p in with_img}
-    recon = {k: reconstruct(original, v) for k, v in train.items()}
-    near = thumbnails(train)
-    shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
     items: list[tuple[Prompt | None, str]] = [(p, p.text) for p in with_img] + [(None, t) for t in reference]
+    size = image_size(original) if items else 0
+    # Only the thumbnails of the whole corpus's training images stay in memory (the nearest-image
+    # search needs them all); full-size images and reconstructions are made chunk by chunk.
+    near = {p.id: thumbnail(load_image(p.image, size)) for p in with_img}
+    shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
     rows, kept_rows, grid, ref_grid, samples = [], [], [], [], {}
     t0 = time.perf_counter()
     for start in range(0, len(items), CHUNK_PROMPTS):
@@ -230,14 +230,15 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
         if rand is not None:
             with zeroed_rows(original, rand):
                 control = generate(original, texts, settings)
-        for j, (p, text) in enumerate(chunk):
+        for j, (p, _) in enumerate(chunk):
             c = None if control is None else control[j]
             if p is None:
                 kept_rows.append(_preservation_row(before[j], after[j], c))
                 if len(ref_grid) < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
                     ref_grid.append((f"reference prompt {len(ref_grid) + 1} (not memorized)", before[j], after[j]))
                 continue
-            rows.append(_reproduction_row(p, before[j], after[j], c, train[p.id], recon[p.id], near))
+            train = load_image(p.image, size)
+            rows.append(_reproduction_row(p, before[j], after[j], c, train, reconstruct(original, train), near))
             if p.id in shown:
                 grid.append((f"{p.id} ({p.type or '-'})", before[j], after[j]))
             if keep is None or p.id in keep:

@@ -190,3 +190,8 @@ def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, mon
     assert labels == ["p0 (-)", "p4 (-)"] + [f"reference prompt {k} (not memorized)" for k in (1, 2, 3)]
     assert len(whole[1]) == 5 + 3 and set(whole[2]) == {f"p{i}" for i in range(5)}
     assert set(chunked[2]) == {"p1"} and np.array_equal(chunked[2]["p1"]["cleaned"], whole[2]["p1"]["cleaned"])
+    # Without a VAE nothing can be sampled: no figures, and no failure either.
+    bare = verify.generation_measures(dataclasses.replace(original, vae=None), cleaned, prompts, gs, neurons,
+                                      reference=ref)
+    assert bare == ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []},
+                    [], {})

@@ -195,7 +195,8 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                         settings: GenSettings = GenSettings(), neurons: dict[str, Any] | None = None,
                         control_seed: int = 0, reference: list[str] = (), keep: set[str] | None = None,
-                        log: Callable[[str], None] = lambda s: None) -> tuple[dict, list[tuple], dict]:
+                        log: Callable[[str], None] = lambda s: None, stage: str = "verify"
+                        ) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
@@ -244,7 +245,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
             if keep is None or p.id in keep:
                 samples[p.id] = {"original": before[j], "cleaned": after[j]}
         done = start + len(chunk)
-        log(f"verify: sampled {done}/{len(items)} prompts ({len(with_img)} memorized, {len(reference)} reference) "
+        log(f"{stage}: sampled {done}/{len(items)} prompts ({len(with_img)} memorized, {len(reference)} reference) "
             f"x {len(settings.seeds)} seeds on the original, the cleaned model"
             f"{' and with as many random neurons' if rand is not None else ''} ({time.perf_counter() - t0:.1f} s)")
     kept = None
@@ -339,6 +340,57 @@ def preservation(before: np.ndarray, after: np.ndarray, control: np.ndarray | No
     """`preservation_summary` of arrays (prompts, seeds, H, W, 3)."""
     return preservation_summary([_preservation_row(before[i], after[i], None if control is None else control[i])
                                  for i in range(len(before))], settings)
+
+
+def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], prompts: list[Prompt],
+                  reference: list[str] = (), settings: GenSettings = GenSettings(), control_seed: int = 0,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+    """What a smaller plan would remove and cost: for each K in `sizes`, the plan's K most needed
+    neurons (the order `merge --max-neurons K` keeps; neurons without a count last) zeroed in
+    `copy` (a second load of the original; restored after), measured as verification measures a
+    release (`generation_measures`: reproductions and near-copies of the prompts with a training
+    image, the reference prompts' images against the original's, and as many random neurons).
+    Every neuron zeroed costs some quality for every user of the model: the curve is what a
+    publisher picks K from."""
+    from ..localize.merge import as_layers, most_needed
+
+    counts = {path: {n: plan.counts.get(path, {}).get(n, 0) for n in rows} for path, rows in plan.layers.items()}
+    ranked = most_needed(counts)
+    rows = []
+    for k in sorted({min(max(0, k), len(ranked)) for k in sizes}):
+        top = as_layers(ranked[:k])
+        with zeroed_rows(copy, top):
+            gen, _, _ = generation_measures(original, copy, prompts, settings, top, control_seed, reference,
+                                            keep=set(), log=log, stage=f"curve, {k} neurons")
+        rc, pr = gen.get("random_control") or {}, gen.get("preservation") or {}
+        row = {"neurons": k, "prompts": gen["prompts"], "reproduced_before": gen["reproduced_before"],
+               "reproduced_after": gen["reproduced_after"], "removed_share": gen["removed_share"],
+               "random_removed_share": rc.get("removed_share"),
+               "copies_removed_share": (gen.get("copies") or {}).get("removed_share"),
+               "random_copies_removed_share": rc.get("copies_removed_share"),
+               "reference_ssim": (pr.get("ssim_to_original") or {}).get("mean"),
+               "random_reference_ssim": ((pr.get("random_control") or {}).get("ssim_to_original") or {}).get("mean"),
+               "reference_seed_to_seed": pr.get("seed_to_seed")}
+        rows.append(row)
+        log(f"curve: {curve_text(row)}")
+    return {"plan_neurons": plan.n_neurons, "control_seed": control_seed, "seeds": list(settings.seeds),
+            "steps": settings.steps, "guidance": settings.guidance, "reference_prompts": len(reference),
+            "sizes": rows}
+
+
+def curve_text(row: dict) -> str:
+    """One size of `removal_curve` in a line."""
+    def share(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0%}"
+
+    ref = ""
+    if row.get("reference_ssim") is not None:
+        rnd = row.get("random_reference_ssim")
+        ref = (f"; reference images' SSIM to the original's {row['reference_ssim']:.3f}"
+               + (f" (random {rnd:.3f})" if rnd is not None else ""))
+    return (f"{row['neurons']} neurons: reproductions {row['reproduced_before']} -> {row['reproduced_after']} "
+            f"({share(row['removed_share'])} removed; as many random neurons {share(row['random_removed_share'])})"
+            + ref)
 
 
 def _gone(was: list[dict], still: str) -> float:

@@ -20,7 +20,7 @@ import pytest
 from nemo_surgery.cli import main
 from tiny import save_tiny_pipeline
 
-COMMANDS = ["calibrate", "detect", "localize", "merge", "apply", "verify", "export", "audit", "build"]
+COMMANDS = ["calibrate", "detect", "localize", "merge", "apply", "verify", "export", "audit", "curve", "build"]
 
 
 @dataclass
@@ -297,3 +297,39 @@ def test_defaults_reference_and_file_names(tmp_path, tiny_model, monkeypatch):
     meta = json.loads(cal.read_text())
     assert meta["n_reference"] == 500
     assert meta["reference_sha256"] == hashlib.sha256(bundled_reference().read_bytes()).hexdigest()
+
+
+def test_curve_of_smaller_plans(tmp_path, tiny_model):
+    """`curve` zeroes the plan's K most needed neurons for each K (and the whole plan) and measures
+    each as verification does; K = 0 is the original itself."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("fox", "boat"):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    corpus = tmp_path / "mem.csv"
+    corpus.write_text("caption,image\na red fox,fox.png\na blue boat,boat.png\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a quiet lake\nan old car\na sunny field\n")
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "nemo-surgery-plan", "version": 1, "layers": {layer: [0, 1, 2, 3]},
+                                "counts": {layer: {"0": 1, "1": 2, "2": 2, "3": 1}}}))
+    out = tmp_path / "curve.json"
+    args = ["curve", "--model", str(tiny_model), "--corpus", str(corpus), "--plan", str(plan), "--reference", str(ref),
+            "--reference-images", "2", "--sample-steps", "2", "--sample-seeds", "2", "--out", str(out)]
+    proc = run(*args, "--sizes", "0,2")
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads(out.read_text())
+    rows = c["sizes"]
+    assert [r["neurons"] for r in rows] == [0, 2, 4] and c["plan_neurons"] == 4 and c["reference_prompts"] == 2
+    assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
+    assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
+    assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
+    assert_clean_error(run(*args, "--sizes", "2,x"), "--sizes", "whole numbers")
+    corpus.write_text("caption\na red fox\n")
+    assert_clean_error(run(*args), str(corpus), "no prompt names a training image")
+    corpus.write_text("caption,image\na red fox,fox.png\n")
+    plan.write_text(json.dumps({"format": "nemo-surgery-plan", "version": 1, "layers": {layer: [99]}}))
+    assert_clean_error(run(*args), "out of range")

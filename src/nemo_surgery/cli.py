@@ -425,6 +425,65 @@ def verify(original, cleaned, plan_path):
     log(f"verified: {chk.tensors_checked} tensors, {chk.rows_zeroed} rows zero, {chk.files_identical} files identical")
 
 
+def _sizes(ctx, param, value: str) -> tuple[int, ...]:  # noqa: ARG001
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected whole numbers separated by commas, e.g. 50,100,200") from None
+    if not out or any(k < 0 for k in out):
+        raise click.BadParameter(f"{value!r}: expected at least one size, none negative")
+    return out
+
+
+@cli.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="The input model folder.")
+@click.option("--corpus", type=click.Path(path_type=Path), required=True,
+              help="Memorized prompts; those with a training image are sampled.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="plan.json of merge/build.")
+@click.option("--sizes", callback=_sizes, default="25,50,100,200", show_default=True,
+              help="Numbers of the plan's most needed neurons to zero, comma-separated (the plan's own size is "
+                   "always added).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Non-memorized prompts whose images are compared with the original's (default: the generic "
+                   "captions bundled with the tool).")
+@click.option("--reference-images", type=click.IntRange(0), default=16, show_default=True,
+              help="How many of them to sample (evenly spaced).")
+@click.option("--sample-steps", type=click.IntRange(1), default=50, show_default=True,
+              help="DDIM steps when sampling (guidance 7.5).")
+@click.option("--sample-seeds", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("curve.json"), show_default=True)
+@allow_outside
+@runtime_options
+@handle_errors
+def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_steps, sample_seeds, out,
+          allow_outside_images, runtime):
+    """What smaller plans would remove and cost: the plan's K most needed neurons zeroed for each K, against as
+    many random neurons (reproductions of training images, and reference prompts' images against the
+    original's). Pick `merge/build --max-neurons K` from it."""
+    from .corpus import bundled_reference, evenly_spaced, read_corpus
+    from .engine import open_model
+    from .files import write_json_atomic
+    from .generation import GenSettings
+    from .plan import Plan
+    from .surgery.verify import removal_curve
+
+    check_apart(out, model=model, corpus=corpus, plan=plan_path, reference_prompts=reference)
+    plan = Plan.load(plan_path)
+    c = read_corpus(corpus, allow_outside_images=allow_outside_images)
+    if not any(p.image is not None for p in c.prompts):
+        raise NemoError(f"{corpus}: no prompt names a training image, so there are no reproductions to count")
+    ref = read_corpus(reference or bundled_reference()).prompts
+    original, copy = open_model(model, runtime), open_model(model, runtime)
+    plan.check_against(original.shapes, str(plan_path), original.fingerprint)
+    settings = GenSettings(steps=sample_steps, seeds=tuple(range(sample_seeds)))
+    result = removal_curve(original, copy, plan, [*sizes, plan.n_neurons], c.prompts,
+                           [p.text for p in evenly_spaced(list(ref), reference_images)], settings, log=log)
+    result |= {"plan_sha256": plan.sha256(), "corpus_sha256": c.sha256, "model_fingerprint": original.fingerprint,
+               "tool": {"name": "nemo-surgery", "version": __version__}}
+    write_json_atomic(out, result)
+    log(f"written: {out}")
+
+
 @cli.command("export")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Cleaned diffusers folder.")
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)

@@ -324,6 +324,7 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     c = json.loads(out.read_text())
     rows = c["sizes"]
     assert [r["neurons"] for r in rows] == [0, 2, 4] and c["plan_neurons"] == 4 and c["reference_prompts"] == 2
+    assert c["reference_sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
     assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
     assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
     assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr

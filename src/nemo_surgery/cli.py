@@ -472,13 +472,15 @@ def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_s
     c = read_corpus(corpus, allow_outside_images=allow_outside_images)
     if not any(p.image is not None for p in c.prompts):
         raise NemoError(f"{corpus}: no prompt names a training image, so there are no reproductions to count")
-    ref = read_corpus(reference or bundled_reference()).prompts
+    ref_corpus = read_corpus(reference or bundled_reference())
     original, copy = open_model(model, runtime), open_model(model, runtime)
     plan.check_against(original.shapes, str(plan_path), original.fingerprint)
     settings = GenSettings(steps=sample_steps, seeds=tuple(range(sample_seeds)))
     result = removal_curve(original, copy, plan, [*sizes, plan.n_neurons], c.prompts,
-                           [p.text for p in evenly_spaced(list(ref), reference_images)], settings, log=log)
-    result |= {"plan_sha256": plan.sha256(), "corpus_sha256": c.sha256, "model_fingerprint": original.fingerprint,
+                           [p.text for p in evenly_spaced(list(ref_corpus.prompts), reference_images)], settings,
+                           log=log)
+    result |= {"plan_sha256": plan.sha256(), "corpus_sha256": c.sha256, "reference_sha256": ref_corpus.sha256,
+               "model_fingerprint": original.fingerprint,
                "tool": {"name": "nemo-surgery", "version": __version__}}
     write_json_atomic(out, result)
     log(f"written: {out}")

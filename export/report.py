@@ -365,11 +365,11 @@ def _hardening(info: ReleaseInfo) -> str:
 
 def _grid_note(info: ReleaseInfo) -> str:
     """How many of the measured prompts the pictures show (a corpus of hundreds is not pictured whole)."""
-    total = section(info.verify, "generation_summary").get("prompts")
-    mem = sum("(not memorized)" not in label for label, *_ in info.images)
-    if not isinstance(total, int) or total <= mem:
+    gs = section(info.verify, "generation_summary")
+    total, shown = gs.get("prompts"), gs.get("pictured")
+    if not isinstance(total, int) or not isinstance(shown, int) or total <= shown:
         return ""
-    return (f'<p class="muted">Pictured: {mem} of the {total} memorized prompts with a training image, evenly spaced '
+    return (f'<p class="muted">Pictured: {shown} of the {total} memorized prompts with a training image, evenly spaced '
             f"over the corpus; the figures of every one are in verify.json.</p>")
 
 

@@ -312,6 +312,11 @@ def summarize(records: list[dict], settings: AuditSettings) -> dict:
     return out
 
 
+def audited(memorized: list[Prompt], settings: AuditSettings) -> list[Prompt]:
+    """The memorized prompts the audit attacks: every one, or `max_prompts` evenly spaced."""
+    return evenly_spaced(memorized, settings.max_prompts) if settings.max_prompts else list(memorized)
+
+
 def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], reference: list[str],
               reference_scores: list[float], score_prompts: int, results: Path, settings: AuditSettings,
               *, theta_mem: float | None = None, scorers: dict[str, Scorer] | None = None,
@@ -329,7 +334,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     t0 = time.time()
     if original.shapes != cleaned.shapes:
         raise NemoError("the cleaned model's value layers differ from the original's: not a cleaned copy of it")
-    prompts = evenly_spaced(memorized, settings.max_prompts) if settings.max_prompts else list(memorized)
+    prompts = audited(memorized, settings)
     targets = memorized_targets(original, prompts, settings)
     targets += control_targets(original, reference, reference_scores, score_prompts, targets, settings,
                                control_images)

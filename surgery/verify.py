@@ -24,6 +24,7 @@ from ..errors import NemoError
 from ..files import sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
                           nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnail, thumbnails)
+from ..localize.merge import as_layers, most_needed
 from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
@@ -215,6 +216,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     if original.vae is None or cleaned.vae is None:
         with_img, reference = [], []
     rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed)) if neurons else None
+    control_of = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed} if neurons else {}
     items: list[tuple[Prompt | None, str]] = [(p, p.text) for p in with_img] + [(None, t) for t in reference]
     size = image_size(original) if items else 0
     # Only the thumbnails of the whole corpus's training images stay in memory (the nearest-image
@@ -252,7 +254,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     if kept_rows:
         kept = preservation_summary(kept_rows, settings)
         if rand is not None:
-            kept["random_control"] |= {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed}
+            kept["random_control"] |= control_of
     if not rows:
         # Nothing to sample against: the release gate rests on the score alone.
         return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []}
@@ -265,13 +267,12 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                "removed_share": _gone(was, "reproduced_after"),
                "copies": {"ssim_to_reconstruction": COPY_SSIM, "before": len(copied),
                           "after": sum(r["copied_after"] for r in rows),
-                          "removed_share": _gone(copied, "copied_after")}, "rows": rows}
+                          "removed_share": _gone(copied, "copied_after")},
+               "pictured": len(grid), "rows": rows}
     if rand is not None:
-        summary["random_control"] = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed,
-                                     "reproduced": sum(r["reproduced_random"] for r in rows),
-                                     "removed_share": _gone(was, "reproduced_random"),
-                                     "copies": sum(r["copied_random"] for r in rows),
-                                     "copies_removed_share": _gone(copied, "copied_random")}
+        summary["random_control"] = control_of | {
+            "reproduced": sum(r["reproduced_random"] for r in rows), "removed_share": _gone(was, "reproduced_random"),
+            "copies": sum(r["copied_random"] for r in rows), "copies_removed_share": _gone(copied, "copied_random")}
     if kept:
         summary["preservation"] = kept
     return summary, grid + ref_grid, samples
@@ -352,8 +353,6 @@ def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], pr
     image, the reference prompts' images against the original's, and as many random neurons).
     Every neuron zeroed costs some quality for every user of the model: the curve is what a
     publisher picks K from."""
-    from ..localize.merge import as_layers, most_needed
-
     counts = {path: {n: plan.counts.get(path, {}).get(n, 0) for n in rows} for path, rows in plan.layers.items()}
     ranked = most_needed(counts)
     rows = []

@@ -183,6 +183,8 @@ def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, mon
     lines: list[str] = []
     chunked = verify.generation_measures(original, cleaned, prompts, gs, neurons, reference=ref,
                                          keep={"p1"}, log=lines.append)
+    # The same figures; only the number of prompts pictured follows the (patched) picture cap.
+    assert chunked[0].pop("pictured") == 2 and whole[0].pop("pictured") == 5
     assert chunked[0] == whole[0] and whole[0]["prompts"] == 5 and whole[0]["preservation"]["prompts"] == 3
     assert whole[0]["preservation"]["random_control"]["neurons"] == 4
     assert len(lines) == 4 and lines[-1].startswith("verify: sampled 8/8 prompts (5 memorized, 3 reference)")

@@ -301,7 +301,7 @@ def test_report_self_contained(tmp_path: Path) -> None:
     assert "Not run." in text
     assert "Pictured:" not in text  # the one measured prompt is pictured
     v = _info().verify
-    v = v | {"generation_summary": v["generation_summary"] | {"prompts": 40}}
+    v = v | {"generation_summary": v["generation_summary"] | {"prompts": 40, "pictured": 1}}
     write_report(tmp_path / "many.html", _info(verify=v))
     assert "Pictured: 1 of the 40 memorized prompts with a training image" in (tmp_path / "many.html").read_text()
 

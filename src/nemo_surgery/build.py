@@ -31,7 +31,7 @@ from .localize.runner import records_digest, run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
 from .plan import Plan
-from .surgery.audit import AuditSettings, pct
+from .surgery.audit import AuditSettings, audited, pct
 from .surgery.harden import HardenSettings
 
 
@@ -221,9 +221,10 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     ref_sample = evenly_spaced(ref_prompts, opts.verify_reference_prompts)
     equiv = check_equivalence(engine, cleaned, as_neurons(plan), [p.text for p in mem_prompts[:2]] or ref_sample[:1])
     mem_v, ref_v = rescore(engine, cleaned, [p.text for p in mem_prompts], ref_sample, log)
-    # The audit reuses the unperturbed generations of the prompts it attacks; only those are kept.
-    a = opts.audit
-    keep = set() if a is None else None if not a.max_prompts else {p.id for p in evenly_spaced(mem_prompts, a.max_prompts)}
+    # The audit reuses the unperturbed generations of the prompts it attacks, when it samples as
+    # verification does; only those are kept.
+    reuse = opts.audit is not None and opts.audit.generation == opts.sampling
+    keep = {p.id for p in audited(mem_prompts, opts.audit)} if reuse else set()
     gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan),
                                              reference=evenly_spaced(ref_prompts, opts.verify_reference_images),
                                              keep=keep, log=log)
@@ -262,7 +263,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
                 opts.calibration_prompts, work / f"audit{suffix}.jsonl", opts.audit,
                 theta_mem=engine.calibration.theta_mem, scorers={"original": engine.scorer, "cleaned": clean_scorer},
                 control_images=opts.control_images, restart=opts.restart,
-                known=samples if opts.audit.generation == opts.sampling else None,
+                known=samples if reuse else None,
                 corpus_sha256=corpus.sha256, adversarial=adversarial if opts.harden else None,
                 pictures=work / f"audit{suffix}.examples", log=log)
         finally:

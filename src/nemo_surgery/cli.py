@@ -171,11 +171,15 @@ allow_outside = click.option("--allow-outside-images", is_flag=True,
                              help="Accept corpus training-image paths outside the corpus file's folder.")
 
 
-def _budgets(ctx, param, value: str) -> tuple[float, ...]:  # noqa: ARG001
+def _comma_separated(value: str, parse: Callable[[str], Any], expected: str) -> tuple:
     try:
-        out = tuple(float(x) for x in value.split(",") if x.strip())
+        return tuple(parse(x) for x in value.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers such as 0.05,0.1,0.2") from None
+        raise click.BadParameter(f"{value!r}: expected {expected}") from None
+
+
+def _budgets(ctx, param, value: str) -> tuple[float, ...]:  # noqa: ARG001
+    out = _comma_separated(value, float, "comma-separated numbers such as 0.05,0.1,0.2")
     if not out or any(not 0 < b <= 10 for b in out):
         raise click.BadParameter(f"{value!r}: budgets must be positive fractions of the embedding norm")
     return out
@@ -426,10 +430,7 @@ def verify(original, cleaned, plan_path):
 
 
 def _sizes(ctx, param, value: str) -> tuple[int, ...]:  # noqa: ARG001
-    try:
-        out = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected whole numbers separated by commas, e.g. 50,100,200") from None
+    out = _comma_separated(value, int, "whole numbers separated by commas, e.g. 50,100,200")
     if not out or any(k < 0 for k in out):
         raise click.BadParameter(f"{value!r}: expected at least one size, none negative")
     return out

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..files import write_text_atomic
 from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float, flatten, fmt,
-                      neurons_of, pct, releasable_text, section, verification_rows)
+                      neurons_of, pct, releasable_text, removal_text, section, verification_rows)
 
 TAGS = ("stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal")
 MAX_INDICES_SHOWN = 32  # per layer in the card; plan.json has them all
@@ -149,7 +149,7 @@ def _verification(info: ReleaseInfo) -> list[str]:
             lines += [f"Training images reproduced (own image nearest among the corpus's training images in "
                       f"more than half of {len(gs.get('seeds') or [])} seeds, {gs.get('steps')} steps, guidance "
                       f"{gs.get('guidance')}): {gs.get('reproduced_before')} before, {gs.get('reproduced_after')} "
-                      f"after.", ""]
+                      f"after ({removal_text(gs)}).", ""]
             cp = gs.get("copies")
             if isinstance(cp, dict):
                 lines += [f"Near-copies (in more than half of the seeds, the own image is nearest and the "
@@ -193,7 +193,9 @@ def _release(info: ReleaseInfo) -> list[str]:
     gs = section(v, "generation_summary")
     if "min_mitigated" in v and gs.get("prompts"):
         why.append(f"{pct(gs.get('removed_share'))} of training-image reproductions removed by full sampling "
-                   f"(required: {pct(v['min_mitigated'])})")
+                   f"(required: {pct(v['min_mitigated'])})" if gs.get("removed_share") is not None else
+                   f"no training image reproduced by the original in full sampling; {gs.get('reproduced_after')} "
+                   f"by the cleaned model (required: none)")
     if section(v, "weights"):
         why.append("weight check " + ("passed" if section(v, "weights").get("ok") else "failed"))
     if section(v, "equivalence"):

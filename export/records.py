@@ -225,7 +225,16 @@ def sampling_text(gs: dict) -> str:
         return ("reproduction of training images not measured: no memorized prompt has a training image in "
                 "the corpus, so the release decision rests on the score alone")
     return (f"training images reproduced {fmt(gs.get('reproduced_before'))} before, "
-            f"{fmt(gs.get('reproduced_after'))} after ({pct(gs.get('removed_share'))} removed)")
+            f"{fmt(gs.get('reproduced_after'))} after ({removal_text(gs)})")
+
+
+def removal_text(gs: dict) -> str:
+    """"72.7% removed", or "nothing to remove" where the original reproduced none; with the prompts
+    the cleaned model reproduces that the original did not, if any."""
+    removed = (f"{pct(gs['removed_share'])} removed" if gs.get("removed_share") is not None
+               else "nothing to remove")
+    new = gs.get("appeared_after")
+    return removed + (f"; {new} reproduced only after surgery" if new else "")
 
 
 def preservation_text(pr: dict) -> str:

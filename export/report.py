@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..files import write_text_atomic
 from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, flatten, floats, fmt,
-                      neurons_of, pct, releasable_text, section, short_layer, verification_rows)
+                      neurons_of, pct, releasable_text, removal_text, section, short_layer, verification_rows)
 
 MIN_IMAGE_PX = 128  # small generations are enlarged (nearest neighbour) to at least this size
 CHART_W = 640
@@ -315,7 +315,7 @@ def _generation(info: ReleaseInfo) -> str:
     control = ""
     if isinstance(rc, dict):
         control = (f"<p>Training images reproduced: {_e(fmt(gs.get('reproduced_before')))} before, "
-                   f"{_e(fmt(gs.get('reproduced_after')))} after; the original with as many random neurons zeroed in "
+                   f"{_e(fmt(gs.get('reproduced_after')))} after ({_e(removal_text(gs))}); the original with as many random neurons zeroed in "
                    f"the same layers (control, seed {_e(fmt(rc.get('seed')))}): {_e(fmt(rc.get('reproduced')))}.</p>")
         cp = gs.get("copies")
         if isinstance(cp, dict):

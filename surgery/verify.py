@@ -257,7 +257,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
             kept["random_control"] |= control_of
     if not rows:
         # Nothing to sample against: the release gate rests on the score alone.
-        return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []}
+        return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": None, "rows": []}
                 | ({"preservation": kept} if kept else {}), ref_grid, {})
     was = [r for r in rows if r["reproduced_before"]]
     copied = [r for r in rows if r["copied_before"]]
@@ -265,9 +265,11 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                "guidance": settings.guidance, "reproduced_before": len(was),
                "reproduced_after": sum(r["reproduced_after"] for r in rows),
                "removed_share": _gone(was, "reproduced_after"),
+               "appeared_after": _appeared(rows, "reproduced"),
                "copies": {"ssim_to_reconstruction": COPY_SSIM, "before": len(copied),
                           "after": sum(r["copied_after"] for r in rows),
-                          "removed_share": _gone(copied, "copied_after")},
+                          "removed_share": _gone(copied, "copied_after"),
+                          "appeared_after": _appeared(rows, "copied")},
                "pictured": len(grid), "rows": rows}
     if rand is not None:
         summary["random_control"] = control_of | {
@@ -392,8 +394,25 @@ def curve_text(row: dict) -> str:
             + ref)
 
 
-def _gone(was: list[dict], still: str) -> float:
-    return sum(not r[still] for r in was) / len(was) if was else 1.0
+def _gone(was: list[dict], still: str) -> float | None:
+    """The share of `was` no longer `still`; None where nothing was there to remove, rather than
+    a "100 % removed" that nothing earned."""
+    return sum(not r[still] for r in was) / len(was) if was else None
+
+
+def sampling_removal(summary: dict) -> float:
+    """What the release gate holds full sampling to: the share of reproductions removed. Where
+    the original reproduced none there is nothing to remove, but the cleaned model must not have
+    started to: 1 if it draws none either, else 0."""
+    if summary["removed_share"] is not None:
+        return summary["removed_share"]
+    return float(not summary["reproduced_after"])
+
+
+def _appeared(rows: list[dict], what: str) -> int:
+    """Prompts whose training image the cleaned model draws (`what`: "reproduced" or "copied")
+    where the original did not: zeroing neurons can push a degraded image nearer its own photo."""
+    return sum(r[f"{what}_after"] and not r[f"{what}_before"] for r in rows)
 
 
 def own_set_specificity(model: Model, prompts: list[Prompt], records: list[dict],

@@ -195,5 +195,37 @@ def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, mon
     # Without a VAE nothing can be sampled: no figures, and no failure either.
     bare = verify.generation_measures(dataclasses.replace(original, vae=None), cleaned, prompts, gs, neurons,
                                       reference=ref)
-    assert bare == ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": 1.0, "rows": []},
+    assert bare == ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": None, "rows": []},
                     [], {})
+
+
+def test_image_size_need_not_be_a_multiple_of_8(tmp_path) -> None:
+    """A model trained elsewhere may pair 10 px latents with a VAE that doubles them: diffusers'
+    pipeline refuses 20 px, but sampling passes latents of the model's own size and works."""
+    from nemo_surgery.generation import generate, image_size
+
+    model = load_model(save_tiny_pipeline(tmp_path / "m", sample_size=10))
+    assert image_size(model) == 20
+    images = generate(model, ["a red fox"], GenSettings(steps=2, seeds=(0, 1)))
+    assert images.shape == (1, 2, 20, 20, 3) and np.isfinite(images).all() and images.std() > 0
+
+
+def test_removal_where_nothing_was_reproduced_before() -> None:
+    """"0 before, 1 after" is not "100 % removed": nothing was there to remove, a reproduction
+    that appears only after surgery is counted as such, and the release gate fails on it."""
+    from nemo_surgery.export.records import removal_text
+    from nemo_surgery.surgery.verify import _appeared, _gone, sampling_removal
+
+    def row(before: bool, after: bool) -> dict:
+        return {"reproduced_before": before, "reproduced_after": after}
+
+    rows = [row(True, False), row(True, True), row(False, True), row(False, False)]
+    was = [r for r in rows if r["reproduced_before"]]
+    assert _gone(was, "reproduced_after") == 0.5 and _appeared(rows, "reproduced") == 1
+    assert _gone([], "reproduced_after") is None
+    summary = {"removed_share": 0.5, "reproduced_after": 2, "appeared_after": 1}
+    assert sampling_removal(summary) == 0.5 and removal_text(summary) == "50.0% removed; 1 reproduced only after surgery"
+    fresh = {"removed_share": None, "reproduced_after": 1, "appeared_after": 1}
+    assert sampling_removal(fresh) == 0.0 and removal_text(fresh).startswith("nothing to remove")
+    clean = {"removed_share": None, "reproduced_after": 0, "appeared_after": 0}
+    assert sampling_removal(clean) == 1.0 and removal_text(clean) == "nothing to remove"

@@ -207,7 +207,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation
     from .export.records import preservation_text, sampling_text
-    from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore
+    from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore, sampling_removal
 
     tag = f" (round {round_})" if round_ else ""
     suffix = f"-r{round_}" if round_ else ""
@@ -232,7 +232,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     # Releasable only if the score says memorization is gone AND, where training images are
     # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
     releasable = weights.ok and equiv["exact"] and (
-        not mem_prompts or (mem_v["share"] >= opts.min_mitigated and gen["removed_share"] >= opts.min_mitigated))
+        not mem_prompts or (mem_v["share"] >= opts.min_mitigated and sampling_removal(gen) >= opts.min_mitigated))
     verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "weights": weights.to_dict(),
               "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
               "generation_summary": {k: v for k, v in gen.items() if k != "rows"},

@@ -38,7 +38,14 @@ class GenSettings:
 def pipeline(model: Model):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+    class Pipeline(StableDiffusionPipeline):
+        def check_inputs(self, prompt, height, width, *args, **kwargs):
+            # diffusers wants sizes divisible by 8, Stable Diffusion's VAE factor. A VAE that
+            # downsamples less draws images that need not be (10 px latents through a 2x VAE:
+            # 20 px), and we always pass latents of the model's own size; the other checks stay.
+            return super().check_inputs(prompt, 8, 8, *args, **kwargs)
+
+    pipe = Pipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

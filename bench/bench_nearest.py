@@ -5,10 +5,11 @@ of the corpus.
     python bench/bench_nearest.py [--prompts 16] [--size 512] [--seeds 4]
 
 Synthetic images (smoothed noise, no model): each prompt's training image, and per seed either a
-noisy copy of it (a reproduction) or of another prompt's image. Times the search at full size
-(what verification did before) against nemo-surgery's, which compares thumbnails of at most
-`NEAREST_PX`, and checks that both find the same nearest image for every generation. Prints
-seconds, SSIM pairs per second and the ratio.
+noisy copy of it (a reproduction) or of another prompt's image. Times three searches that must
+find the same nearest image for every generation: scikit-image's SSIM pair by pair at full size
+(what verification did first), the same on thumbnails of at most `NEAREST_PX` (what it did next),
+and nemo-surgery's `Gallery`, which scores thumbnails of all pairs at once in batched torch. Prints
+seconds, SSIM pairs per second and the ratios.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import argparse
 import time
 
 import numpy as np
+import torch
 from skimage.filters import gaussian
 
-from nemo_surgery.generation import NEAREST_PX, nearest_share, ssim, thumbnails
+from nemo_surgery.generation import NEAREST_PX, nearest_share, ssim, thumbnail, thumbnails
 
 
 def photo(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -49,25 +51,37 @@ def main() -> None:
                             for x in src])
     pairs = args.prompts * args.seeds * args.prompts
 
+    def pairwise(images: np.ndarray, candidates: dict[str, np.ndarray]) -> list[str]:
+        return [full_size_nearest(x, candidates) for x in images]
+
     t = time.perf_counter()
-    full = {k: [full_size_nearest(x, train) for x in g] for k, g in gens.items()}
+    full = {k: pairwise(g, train) for k, g in gens.items()}
     t_full = time.perf_counter() - t
     t = time.perf_counter()
-    small = thumbnails(train)
-    share = {k: nearest_share(g, k, small) for k, g in gens.items()}
-    t_thumb = time.perf_counter() - t
+    small = {k: thumbnail(v) for k, v in train.items()}
+    pair_thumb = {k: pairwise([thumbnail(x) for x in g], small) for k, g in gens.items()}
+    t_pair = time.perf_counter() - t
+    t = time.perf_counter()
+    gallery = thumbnails(train)
+    share = {k: nearest_share(g, k, gallery) for k, g in gens.items()}
+    t_batch = time.perf_counter() - t
 
-    same = all(share[k] == sum(n == k for n in full[k]) / args.seeds for k in gens)
+    def shares(nearest: dict[str, list[str]]) -> dict[str, float]:
+        return {k: sum(n == k for n in v) / args.seeds for k, v in nearest.items()}
+
+    same = shares(full) == shares(pair_thumb) == share
     print(f"{args.prompts} prompts x {args.seeds} seeds against {args.prompts} training images of {args.size} px: "
-          f"{pairs} SSIM pairs")
-    print(f"full size:                 {t_full:8.2f} s  ({pairs / t_full:8.0f} pairs/s)")
-    print(f"thumbnails of <= {NEAREST_PX} px:   {t_thumb:8.2f} s  ({pairs / t_thumb:8.0f} pairs/s)  "
-          f"x{t_full / t_thumb:.1f}")
+          f"{pairs} SSIM pairs; torch {torch.get_num_threads()} threads")
+    print(f"full size, pair by pair:               {t_full:8.2f} s  ({pairs / t_full:8.0f} pairs/s)")
+    print(f"thumbnails of <= {NEAREST_PX} px, pair by pair: {t_pair:8.2f} s  ({pairs / t_pair:8.0f} pairs/s)  "
+          f"x{t_full / t_pair:.1f}")
+    print(f"thumbnails, batched (Gallery):         {t_batch:8.2f} s  ({pairs / t_batch:8.0f} pairs/s)  "
+          f"x{t_full / t_batch:.1f} (x{t_pair / t_batch:.1f} over pair by pair)")
     print(f"same nearest-image shares for every prompt: {same}")
-    print(f"at this rate a corpus of 500 prompts with images (3 models: before, after, control): "
-          f"{3 * 500 * args.seeds * 500 / (pairs / t_thumb) / 60:.0f} min against "
-          f"{3 * 500 * args.seeds * 500 / (pairs / t_full) / 3600:.1f} h at full size")
-
+    print(f"at these rates a corpus of 500 prompts with images (3 models: before, after, control): batched "
+          f"{3 * 500 * args.seeds * 500 / (pairs / t_batch) / 60:.0f} min, thumbnails pair by pair "
+          f"{3 * 500 * args.seeds * 500 / (pairs / t_pair) / 60:.0f} min, full size "
+          f"{3 * 500 * args.seeds * 500 / (pairs / t_full) / 3600:.1f} h")
 
 if __name__ == "__main__":
     main()

@@ -37,8 +37,8 @@ from .. import __version__
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path
-from ..generation import (REPRODUCED_ABOVE, GenSettings, encode, generate_embeddings, image_size, load_image,
-                          nearest_share, ssim, thumbnails)
+from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, generate_embeddings, image_size,
+                          load_image, nearest_share, ssim, thumbnails)
 from ..localize.runner import make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
@@ -195,13 +195,13 @@ def control_targets(original: Model, reference: list[str], reference_scores: lis
                    im[0]) for i, (t, im, s) in enumerate(zip(texts, imgs, starts))]
 
 
-def _cell(images: np.ndarray, target: Target, candidates: dict[str, np.ndarray], extra: dict | None = None) -> dict:
+def _cell(images: np.ndarray, target: Target, candidates: Gallery, extra: dict | None = None) -> dict:
     share = nearest_share(images, target.id, candidates)
     return {"retriggered": share > REPRODUCED_ABOVE, "nearest_share": round(share, 4),
             "ssim": round(float(np.mean([ssim(x, target.image) for x in images])), 4), **(extra or {})}
 
 
-def audit_target(original: Model, cleaned: Model, target: Target, candidates: dict[str, np.ndarray],
+def audit_target(original: Model, cleaned: Model, target: Target, candidates: Gallery,
                  settings: AuditSettings, scorers: dict[str, Scorer] | None = None,
                  theta_mem: float | None = None, known: dict[str, np.ndarray] | None = None
                  ) -> tuple[dict, dict[str, np.ndarray], dict[str, torch.Tensor]]:

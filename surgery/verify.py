@@ -22,8 +22,8 @@ from safetensors import safe_open
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import sha256_file
-from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, GenSettings, diversity, generate, image_size, load_image,
-                          nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnail, thumbnails)
+from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
+                          load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnails)
 from ..localize.merge import as_layers, most_needed
 from ..localize.runner import Engine
 from ..localize.score import Scorer
@@ -221,7 +221,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     size = image_size(original) if items else 0
     # Only the thumbnails of the whole corpus's training images stay in memory (the nearest-image
     # search needs them all); full-size images and reconstructions are made chunk by chunk.
-    near = {p.id: thumbnail(load_image(p.image, size)) for p in with_img}
+    near = thumbnails({p.id: load_image(p.image, size) for p in with_img})
     shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
     rows, kept_rows, grid, ref_grid, samples = [], [], [], [], {}
     t0 = time.perf_counter()
@@ -281,7 +281,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
 
 
 def _reproduction_row(p: Prompt, before: np.ndarray, after: np.ndarray, control: np.ndarray | None,
-                      train: np.ndarray, recon: np.ndarray, candidates: dict[str, np.ndarray]) -> dict:
+                      train: np.ndarray, recon: np.ndarray, candidates: Gallery) -> dict:
     """One memorized prompt's images (seeds, H, W, 3) before, after and under the control, measured
     against its training image `train`, its VAE reconstruction and the corpus's `candidates`."""
     row = {"id": p.id, "type": p.type,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from skimage.filters import gaussian
 
 from nemo_surgery.generation import COPY_SSIM, nearest_and_copy_share, nearest_share, ssim
@@ -55,11 +56,39 @@ def test_nearest_search_compares_thumbnails() -> None:
 
     big = {k: np.kron(_photo(s), np.ones((4, 4, 1), dtype=np.float32)) for k, s in (("a", 0), ("b", 1))}  # 256 px
     small = thumbnails(big)
-    assert small["a"].shape == (NEAREST_PX, NEAREST_PX, 3)
-    assert thumbnail(small["a"]) is small["a"]  # already small enough: as it is, not copied
+    assert small.size == (NEAREST_PX, NEAREST_PX) and list(small) == ["a", "b"]
+    half = thumbnail(big["a"])
+    assert half.shape == (NEAREST_PX, NEAREST_PX, 3)
+    assert thumbnail(half) is half  # already small enough: as it is, not copied
     rng = np.random.default_rng(3)
     copy = np.clip(big["a"] + rng.normal(0, 0.01, big["a"].shape), 0, 1).astype(np.float32)
     images = np.stack([copy, big["b"]])
     # Full-size and ready-made candidates give the same answer; SSIM to the own image stays full size.
     assert nearest_share(images, "a", big) == nearest_share(images, "a", small) == 1 / 2
     assert nearest_and_copy_share(images, "a", small, big["a"]) == (1 / 2, 1 / 2)
+
+
+def test_batched_nearest_search_is_scikit_images_ssim(monkeypatch) -> None:
+    """The gallery scores every generation against every training image at once in torch; it must
+    be `ssim` (scikit-image's) pair for pair, whatever the image size (odd ones included) and
+    however the pairs are chunked, and pick the same nearest image."""
+    import nemo_surgery.generation as generation
+    from nemo_surgery.generation import Gallery, thumbnail
+
+    rng = np.random.default_rng(5)
+    for size in (16, 21, 200):
+        # 256 px photos cut to size: 200 px is compared as 128 px thumbnails
+        train = {f"t{i}": np.kron(_photo(i), np.ones((4, 4, 1), dtype=np.float32))[:size, :size] for i in range(6)}
+        queries = np.stack([np.clip(train[f"t{i % 6}"] + rng.normal(0, 0.3, train["t0"].shape), 0, 1)
+                            for i in range(4)]).astype(np.float32)
+        want = np.array([[ssim(thumbnail(q), thumbnail(t)) for t in train.values()] for q in queries])
+        got = Gallery(train).similarities(queries)
+        assert got.shape == (4, 6) and np.abs(got - want).max() < 1e-5
+        assert Gallery(train).nearest(queries) == [list(train)[k] for k in want.argmax(axis=1)]
+        monkeypatch.setattr(generation, "PAIR_CHUNK_BYTES", 1)  # one pair at a time
+        assert np.array_equal(Gallery(train).similarities(queries), got)
+        monkeypatch.undo()
+    empty = Gallery({})  # a corpus without training images: nothing to search, until asked
+    assert len(empty) == 0 and empty.size == (0, 0)
+    with pytest.raises(ValueError, match="no images"):
+        empty.nearest(queries)

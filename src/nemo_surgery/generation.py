@@ -129,31 +129,121 @@ def thumbnail(image: np.ndarray, px: int = NEAREST_PX) -> np.ndarray:
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def thumbnails(candidates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# scikit-image's SSIM defaults, which `ssim` uses: a 7 px uniform window, sample covariance.
+SSIM_WINDOW = 7
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+# Bytes of one tensor of image pairs in the batched search: a few such tensors live at once, so a
+# block stays near a hundred megabytes whatever the corpus.
+PAIR_CHUNK_BYTES = 32 * 2**20
+
+
+class Gallery:
+    """Training images made ready for the nearest-image search once: thumbnails, stacked, with
+    their half of SSIM (local means and variances) computed up front. `nearest` then scores every
+    query against every image in batched torch: the same SSIM as `ssim` (scikit-image's, in
+    float32 as it computes for float32 images; the two agree to about 1e-6, the order of the sums
+    differing), for blocks of pairs at once on every core instead of one pair at a time."""
+
+    def __init__(self, images: dict[str, np.ndarray]):
+        self.keys = list(images)
+        if not self.keys:  # nothing to compare against: fine until something is queried
+            return
+        self._y = _channels_first(np.stack([thumbnail(v) for v in images.values()]))
+        if min(self._y.shape[-2:]) < SSIM_WINDOW:
+            raise NemoError(f"images of {tuple(self._y.shape[-2:])} px are smaller than SSIM's "
+                            f"{SSIM_WINDOW} px window")
+        self._uy, self._vy = _local_stats(self._y)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) at which images are compared."""
+        return tuple(self._y.shape[-2:]) if self.keys else (0, 0)
+
+    @torch.no_grad()
+    def similarities(self, images: np.ndarray) -> np.ndarray:
+        """SSIM of each image (N, H, W, 3) to each gallery image, compared as thumbnails: (N, len)."""
+        if not self.keys:
+            raise ValueError("no images to compare against")
+        x = _channels_first(np.stack([thumbnail(v) for v in images]))
+        if x.shape[1:] != self._y.shape[1:]:
+            raise ValueError(f"images of {tuple(x.shape[-2:])} px against a gallery of {self.size}")
+        ux, vx = _local_stats(x)
+        cov, c1, c2 = _cov_norm(), SSIM_K1 ** 2, SSIM_K2 ** 2  # data range 1
+        n, m = len(x), len(self.keys)
+        # Blocks of queries x gallery images, about PAIR_CHUNK_BYTES of pairs each.
+        cols = min(m, max(1, PAIR_CHUNK_BYTES // (x[0].numel() * x.element_size())))
+        rows = max(1, PAIR_CHUNK_BYTES // (x[0].numel() * x.element_size() * cols))
+        out = torch.empty(n, m, dtype=torch.float64)
+        for i in range(0, n, rows):
+            xi, uxi, vxi = x[i:i + rows, None], ux[i:i + rows, None], vx[i:i + rows, None]
+            for j in range(0, m, cols):
+                y, uy, vy = self._y[None, j:j + cols], self._uy[None, j:j + cols], self._vy[None, j:j + cols]
+                uxuy = uxi * uy
+                vxy = _box(xi * y).sub_(uxuy).mul_(cov)
+                num = uxuy.mul_(2).add_(c1).mul_(vxy.mul_(2).add_(c2))
+                den = (uxi * uxi + uy * uy).add_(c1).mul_((vxi + vy).add_(c2))
+                # window means (in float64, as scikit-image), then the channels' mean
+                out[i:i + rows, j:j + cols] = num.div_(den).double().mean(dim=(-2, -1)).mean(dim=-1)
+        return out.numpy()
+
+    def nearest(self, images: np.ndarray) -> list[str]:
+        """For each image (N, H, W, 3), the most similar gallery image's key (the first of a tie)."""
+        return [self.keys[k] for k in self.similarities(images).argmax(axis=1)]
+
+
+def _channels_first(images: np.ndarray) -> torch.Tensor:
+    # float32, as scikit-image computes SSIM for float32 images
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
+
+
+def _cov_norm() -> float:
+    n = SSIM_WINDOW ** 2
+    return n / (n - 1)
+
+
+def _box(x: torch.Tensor) -> torch.Tensor:
+    """Means over every window that fits inside the image: exactly scikit-image's uniform filter
+    on the pixels its SSIM averages (it crops the window's radius at each edge)."""
+    lead = x.shape[:-2]
+    x = x.reshape(-1, 1, *x.shape[-2:])
+    x = torch.nn.functional.avg_pool2d(x, (SSIM_WINDOW, 1), stride=1)
+    x = torch.nn.functional.avg_pool2d(x, (1, SSIM_WINDOW), stride=1)
+    return x.reshape(*lead, *x.shape[-2:])
+
+
+def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u = _box(x)
+    return u, _cov_norm() * (_box(x * x) - u * u)
+
+
+def thumbnails(candidates: dict[str, np.ndarray]) -> Gallery:
     """Candidates made ready for the nearest-image search once, not at every query."""
-    return {k: thumbnail(v) for k, v in candidates.items()}
+    return Gallery(candidates)
 
 
-def _nearest(image: np.ndarray, candidates: dict[str, np.ndarray]) -> str:
-    """The candidate most similar (SSIM) to `image`, compared as thumbnails."""
-    q = thumbnail(image)
-    sims = {k: ssim(q, thumbnail(v)) for k, v in candidates.items()}
-    return max(sims, key=sims.get)
+def _gallery(candidates: Gallery | dict[str, np.ndarray]) -> Gallery:
+    return candidates if isinstance(candidates, Gallery) else Gallery(candidates)
 
 
-def nearest_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray]) -> float:
+def nearest_share(images: np.ndarray, own: str, candidates: Gallery | dict[str, np.ndarray]) -> float:
     """Share of `images` whose most similar candidate (SSIM) is `own`: the generation-level test of
     whether a prompt draws its training image rather than merely something like it."""
-    return sum(_nearest(x, candidates) == own for x in images) / len(images)
+    return sum(k == own for k in _gallery(candidates).nearest(images)) / len(images)
 
 
-def nearest_and_copy_share(images: np.ndarray, own: str, candidates: dict[str, np.ndarray],
+def nearest_and_copy_share(images: np.ndarray, own: str, candidates: Gallery | dict[str, np.ndarray],
                            reconstruction: np.ndarray, threshold: float = COPY_SSIM) -> tuple[float, float]:
     """`nearest_share`, and the share of `images` that are near-copies of `own`: it is their
     nearest candidate AND they are within `threshold` SSIM of its reconstruction. The second is
     stricter: the first also counts a degraded image that merely resembles its training image more
     than any other."""
-    nearest = [x for x in images if _nearest(x, candidates) == own]
+    nearest = [x for x, k in zip(images, _gallery(candidates).nearest(images)) if k == own]
     copies = sum(ssim(x, reconstruction) >= threshold for x in nearest)
     return len(nearest) / len(images), copies / len(images)
 

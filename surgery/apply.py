@@ -25,7 +25,7 @@ from ..files import TMP_PREFIX, atomic_dir, atomic_path, canonical_json, check_a
 from ..model import PICKLE_SUFFIXES, VALUE_SUFFIX, value_digest
 from ..plan import Plan
 from ..safetensors_io import Header, TensorEntry, encode_header, read_header
-from .keymap import LDM_PREFIX, ldm_to_diffusers
+from .keymap import LDM_PREFIX, layers_per_block_of, ldm_to_diffusers
 
 FORMATS = ("diffusers", "single")  # a diffusers folder; one .safetensors file
 VALUE_KEY = f"{VALUE_SUFFIX}.weight"
@@ -145,12 +145,13 @@ def _open_checkpoint(model: Path) -> _Checkpoint:
 
 def _values_single(header: Header) -> dict[str, _Value]:
     values: dict[str, _Value] = {}
+    lpb = layers_per_block_of(header.tensors)
     for key, entry in header.tensors.items():
         if not key.endswith(VALUE_KEY):
             continue
         # LDM names are mapped to module paths so plans and digests match the diffusers folder's.
         # A bare diffusers UNet file (no prefix) already uses them.
-        name = ldm_to_diffusers(key) if key.startswith(LDM_PREFIX) else key
+        name = ldm_to_diffusers(key, lpb) if key.startswith(LDM_PREFIX) else key
         name = name[: -len(".weight")]
         if name in values:
             raise NemoError(f"{header.path}: value layer {name} is stored twice "

@@ -5,12 +5,15 @@ Follows diffusers' own single-file conversion: LDM numbers the down path as one 
 one downsampler slot) and the up path as `output_blocks` (per block `layers_per_block + 1` slots,
 no conv_in). Inside a slot, `.0` is the resnet and `.1` the spatial transformer, whose own names
 (`transformer_blocks.0.attn2.to_v`, `proj_in`, ...) are the same in both layouts. This holds for
-SD 1.x/2.x (layers_per_block=2); other layouts pass their own `layers_per_block`.
+SD 1.x/2.x (layers_per_block=2); other layouts pass their own `layers_per_block`, which a
+single-file checkpoint, carrying no config, tells by where its first downsampler sits
+(`layers_per_block_of`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from ..errors import NemoError
 
@@ -20,6 +23,15 @@ _DIFFUSERS = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)((?:
 _DIFFUSERS_MID = re.compile(r"^mid_block\.attentions\.(\d+)((?:\..+)?)$")
 _LDM = re.compile(r"^" + re.escape(LDM_PREFIX) + r"(input_blocks|output_blocks)\.(\d+)\.1((?:\..+)?)$")
 _LDM_MID = re.compile(r"^" + re.escape(LDM_PREFIX) + r"middle_block\.1((?:\..+)?)$")
+_LDM_DOWNSAMPLER = re.compile(r"^" + re.escape(LDM_PREFIX) + r"input_blocks\.(\d+)\.0\.op\.")
+
+
+def layers_per_block_of(keys: Iterable[str]) -> int:
+    """An LDM checkpoint's layers_per_block, from its key names: its first downsampler
+    (`input_blocks.N.0.op`) follows conv_in and one block's layers, so N = 1 + layers_per_block.
+    SD's 2 where the keys show no downsampler."""
+    slots = [int(m.group(1)) for k in keys if (m := _LDM_DOWNSAMPLER.match(k))]
+    return min(slots) - 1 if slots and min(slots) > 1 else 2
 
 
 def _check_lpb(layers_per_block: int) -> None:

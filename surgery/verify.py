@@ -29,7 +29,7 @@ from ..localize.runner import Engine
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
 from ..plan import Plan
-from .keymap import ldm_to_diffusers
+from .keymap import layers_per_block_of, ldm_to_diffusers
 
 MIN_MITIGATED = 0.95  # share of memorized prompts that must be mitigated for a releasable bundle
 REFERENCE_SHOWN = 4  # reference prompts whose images the report shows before and after
@@ -54,14 +54,14 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _module_of(key: str) -> str | None:
+def _module_of(key: str, layers_per_block: int = 2) -> str | None:
     """Diffusers module path of a value-layer weight key (diffusers or LDM naming), else None."""
     if not key.endswith(f"{VALUE_SUFFIX}.weight"):
         return None
     name = key[: -len(".weight")]
     if name.startswith("model.diffusion_model."):
         try:
-            name = ldm_to_diffusers(name)
+            name = ldm_to_diffusers(name, layers_per_block)
         except (NemoError, ValueError):
             return None
     return name
@@ -94,10 +94,11 @@ def check_weights(original: Path, cleaned: Path, plan: Plan) -> WeightCheck:
             if set(fa.keys()) != set(fb.keys()):
                 problems.append(f"{b.name}: tensor names differ from the input")
                 continue
+            lpb = layers_per_block_of(fa.keys())
             for key in fa.keys():
                 ta, tb = fa.get_tensor(key), fb.get_tensor(key)
                 checked += 1
-                mod = _module_of(key)
+                mod = _module_of(key, lpb)
                 rows = plan.layers.get(mod, []) if mod else []
                 if mod in plan.layers:
                     seen_layers.add(mod)

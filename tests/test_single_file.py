@@ -112,3 +112,34 @@ def test_build_from_a_single_file(tmp_path):
         assert f.metadata().get("nemo_surgery.plan_sha256") == plan.sha256()
     verify = __import__("json").loads((out / "verify.json").read_text())
     assert verify["weights"]["ok"] and verify["equivalence"]["exact"]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_single_file_of_other_blocks_per_level(tmp_path, layers):
+    """A single file carries no config: the layers per block its LDM keys imply (where the first
+    downsampler sits) decide which module path each value weight is, so a plan made on the
+    folder zeroes the same rows in the file, and verification reads them back."""
+    from nemo_surgery.model import load_model
+    from nemo_surgery.surgery.keymap import layers_per_block_of
+    from nemo_surgery.surgery.verify import check_weights
+    from tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "m", layers=layers)
+    model = load_model(folder)
+    down, up = (f"down_blocks.1.attentions.{layers - 1}.transformer_blocks.0.attn2.to_v",
+                f"up_blocks.2.attentions.{layers}.transformer_blocks.0.attn2.to_v")
+    plan = Plan(layers={down: [1, 2], up: [0]}, model={"value_digest": model.value_digest})
+    single = to_single_file(folder, tmp_path / "m.safetensors")
+    with safe_open(str(single), "pt") as f:
+        keys = list(f.keys())
+    assert layers_per_block_of(keys) == layers
+    cleaned = apply_plan(plan, single, tmp_path / "cleaned.safetensors").out
+    with safe_open(str(single), "pt") as a, safe_open(str(cleaned), "pt") as b:
+        for path, rows in plan.layers.items():
+            key = diffusers_to_ldm(path, layers) + ".weight"
+            before, after = a.get_tensor(key), b.get_tensor(key)
+            assert before[rows].count_nonzero() > 0 and after[rows].count_nonzero() == 0
+            before[rows] = 0
+            assert torch.equal(before, after)
+    check = check_weights(single, cleaned, plan)
+    assert check.ok and check.rows_zeroed == 3, check.problems

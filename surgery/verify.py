@@ -10,8 +10,9 @@ same instrument that found the neurons).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,11 +22,11 @@ from safetensors import safe_open
 
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
-from ..files import sha256_file
+from ..files import append_jsonl, atomic_path, sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
                           load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnails)
 from ..localize.merge import as_layers, most_needed
-from ..localize.runner import Engine
+from ..localize.runner import Engine, make_header, open_results
 from ..localize.score import Scorer
 from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
 from ..plan import Plan
@@ -197,8 +198,8 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
 def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                         settings: GenSettings = GenSettings(), neurons: dict[str, Any] | None = None,
                         control_seed: int = 0, reference: list[str] = (), keep: set[str] | None = None,
-                        log: Callable[[str], None] = lambda s: None, stage: str = "verify"
-                        ) -> tuple[dict, list[tuple], dict]:
+                        log: Callable[[str], None] = lambda s: None, stage: str = "verify",
+                        journal: Path | None = None) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
@@ -212,7 +213,12 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     grow with the corpus. Returns the measures, (label, before, after) images for the report (up
     to `GRID_SHOWN` memorized prompts, evenly spaced, then the first `REFERENCE_SHOWN` reference
     prompts), and {prompt id: {"original": before, "cleaned": after}} for the audit to reuse, for
-    the ids in `keep` (None: every prompt)."""
+    the ids in `keep` (None: every prompt).
+
+    With a `journal` (a JSONL file, its chunks' images in safetensors files beside it), each
+    chunk's measures are appended as it finishes, and a rerun with the same inputs samples only
+    the chunks not yet on record: on a corpus of hundreds of prompts this is hours of sampling.
+    A journal made with other inputs is started afresh."""
     with_img = [p for p in prompts if p.image is not None]
     if original.vae is None or cleaned.vae is None:
         with_img, reference = [], []
@@ -224,33 +230,69 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     # search needs them all); full-size images and reconstructions are made chunk by chunk.
     near = thumbnails({p.id: load_image(p.image, size) for p in with_img})
     shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
+    done = {}
+    if journal is not None:
+        config = {"stage": stage, "original": original.fingerprint, "cleaned": cleaned.fingerprint,
+                  "neurons": {k: sorted(map(int, v)) for k, v in sorted((neurons or {}).items())},
+                  "control_seed": control_seed, "sampling": asdict(settings),
+                  "prompts": [[p.id, p.text, sha256_file(p.image)] for p in with_img], "reference": list(reference),
+                  "chunk_prompts": CHUNK_PROMPTS, "shown": sorted(shown), "reference_shown": REFERENCE_SHOWN,
+                  "keep": None if keep is None else sorted(keep)}
+        done = _open_journal(journal, config)
+        if done:
+            log(f"{stage}: resuming: {len(done)} of {-(-len(items) // CHUNK_PROMPTS)} chunks of prompts already "
+                f"sampled in {journal}")
     rows, kept_rows, grid, ref_grid, samples = [], [], [], [], {}
     t0 = time.perf_counter()
     for start in range(0, len(items), CHUNK_PROMPTS):
         chunk = items[start:start + CHUNK_PROMPTS]
-        texts = [t for _, t in chunk]
-        before, after = generate(original, texts, settings), generate(cleaned, texts, settings)
-        control = None
-        if rand is not None:
-            with zeroed_rows(original, rand):
-                control = generate(original, texts, settings)
-        for j, (p, _) in enumerate(chunk):
-            c = None if control is None else control[j]
-            if p is None:
-                kept_rows.append(_preservation_row(before[j], after[j], c))
-                if len(ref_grid) < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
-                    ref_grid.append((f"reference prompt {len(ref_grid) + 1} (not memorized)", before[j], after[j]))
-                continue
-            train = load_image(p.image, size)
-            rows.append(_reproduction_row(p, before[j], after[j], c, train, reconstruct(original, train), near))
-            if p.id in shown:
-                grid.append((f"{p.id} ({p.type or '-'})", before[j], after[j]))
-            if keep is None or p.id in keep:
-                samples[p.id] = {"original": before[j], "cleaned": after[j]}
-        done = start + len(chunk)
-        log(f"{stage}: sampled {done}/{len(items)} prompts ({len(with_img)} memorized, {len(reference)} reference) "
+        key = f"chunk:{start}"
+        if key in done:
+            rec, images = done[key], _load_chunk_images(journal, start)
+        else:
+            texts = [t for _, t in chunk]
+            before, after = generate(original, texts, settings), generate(cleaned, texts, settings)
+            control = None
+            if rand is not None:
+                with zeroed_rows(original, rand):
+                    control = generate(original, texts, settings)
+            rec = {"id": key, "rows": [], "kept_rows": [], "pictures": [], "reference_pictures": [], "samples": []}
+            images = {}
+            for j, (p, _) in enumerate(chunk):
+                c = None if control is None else control[j]
+                if p is None:
+                    rec["kept_rows"].append(_preservation_row(before[j], after[j], c))
+                    n_ref = len(ref_grid) + len(rec["reference_pictures"])
+                    if n_ref < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
+                        label = f"reference prompt {n_ref + 1} (not memorized)"
+                        rec["reference_pictures"].append(label)
+                        images[f"{label}/before"], images[f"{label}/after"] = before[j], after[j]
+                    continue
+                train = load_image(p.image, size)
+                rec["rows"].append(_reproduction_row(p, before[j], after[j], c, train, reconstruct(original, train),
+                                                     near))
+                if p.id in shown:
+                    label = f"{p.id} ({p.type or '-'})"
+                    rec["pictures"].append(label)
+                    images[f"{label}/before"], images[f"{label}/after"] = before[j], after[j]
+                if keep is None or p.id in keep:
+                    rec["samples"].append(p.id)
+                    images[f"sample:{p.id}/original"], images[f"sample:{p.id}/cleaned"] = before[j], after[j]
+            if journal is not None:
+                # the images first: a chunk on record always has its pictures
+                _save_chunk_images(journal, start, images)
+                append_jsonl(journal, rec)
+        rows += rec["rows"]
+        kept_rows += rec["kept_rows"]
+        for pictures, into in ((rec["pictures"], grid), (rec["reference_pictures"], ref_grid)):
+            into += [(label, images[f"{label}/before"], images[f"{label}/after"]) for label in pictures]
+        for pid in rec["samples"]:
+            samples[pid] = {"original": images[f"sample:{pid}/original"], "cleaned": images[f"sample:{pid}/cleaned"]}
+        n_done = start + len(chunk)
+        log(f"{stage}: sampled {n_done}/{len(items)} prompts ({len(with_img)} memorized, {len(reference)} reference) "
             f"x {len(settings.seeds)} seeds on the original, the cleaned model"
-            f"{' and with as many random neurons' if rand is not None else ''} ({time.perf_counter() - t0:.1f} s)")
+            f"{' and with as many random neurons' if rand is not None else ''} ({time.perf_counter() - t0:.1f} s)"
+            + (" (from the journal)" if key in done else ""))
     kept = None
     if kept_rows:
         kept = preservation_summary(kept_rows, settings)
@@ -408,6 +450,40 @@ def sampling_removal(summary: dict) -> float:
     if summary["removed_share"] is not None:
         return summary["removed_share"]
     return float(not summary["reproduced_after"])
+
+
+JOURNAL_FORMAT = "nemo-surgery-verify-sampling"
+
+
+def _open_journal(path: Path, config: dict) -> dict[str, dict]:
+    """The chunks already on record for the same inputs; other inputs start the journal afresh
+    (it is a cache of what they determine, not a result to protect)."""
+    header = make_header(config, JOURNAL_FORMAT)
+    try:
+        return open_results(path, header, restart=False, fmt=JOURNAL_FORMAT)
+    except NemoError:
+        shutil.rmtree(_images_dir(path), ignore_errors=True)
+        return open_results(path, header, restart=True, fmt=JOURNAL_FORMAT)
+
+
+def _images_dir(journal: Path) -> Path:
+    return journal.with_name(journal.stem + "-images")
+
+
+def _save_chunk_images(journal: Path, start: int, images: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_path(_images_dir(journal) / f"{start}.safetensors") as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in images.items()}, str(tmp))
+
+
+def _load_chunk_images(journal: Path, start: int) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    path = _images_dir(journal) / f"{start}.safetensors"
+    if not path.is_file():
+        raise NemoError(f"{path}: images of a sampled chunk are missing; delete {journal} to sample again")
+    return load_file(str(path))
 
 
 def _appeared(rows: list[dict], what: str) -> int:

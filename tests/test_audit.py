@@ -199,6 +199,55 @@ def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, mon
                     [], {})
 
 
+def test_verification_sampling_resumes_from_its_journal(models, tmp_path, monkeypatch) -> None:
+    """Full sampling of a large corpus takes hours: a run stopped after some chunks resumes from
+    its journal, samples only the chunks it lacks, and gives what an uninterrupted run gives,
+    pictures and reusable samples included. A journal of other inputs is started afresh."""
+    from PIL import Image
+
+    import nemo_surgery.surgery.verify as verify
+
+    original, cleaned, _, _ = models
+    rng = np.random.default_rng(1)
+    prompts = []
+    for i, text in enumerate(["a red fox", "a blue boat", "a green tree", "a tall tower", "a small bird"]):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        prompts.append(Prompt(f"p{i}", text, None, tmp_path / f"{i}.png", i + 2))
+    gs = GenSettings(steps=3, seeds=(0, 1))
+    neurons = {cleaned.value_layers[0].path: [0, 1, 2, 3]}
+    ref = ["a quiet lake", "an old car", "a sunny field"]
+    monkeypatch.setattr(verify, "CHUNK_PROMPTS", 3)  # 8 prompts: chunks of 3, 3 and 2
+    calls = []
+    real = verify.generate
+    monkeypatch.setattr(verify, "generate", lambda model, texts, settings: calls.append(len(texts)) or real(
+        model, texts, settings))
+
+    def run(journal=None, neurons=neurons):
+        calls.clear()
+        return verify.generation_measures(original, cleaned, prompts, gs, neurons, reference=ref, keep={"p1", "p4"},
+                                          journal=journal)
+
+    whole = run()
+    journal = tmp_path / "work" / "verify.jsonl"
+    first = run(journal)
+    assert first[0] == whole[0] and len(calls) == 3 * 3  # before, after, control for each chunk
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + 3
+    journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # stopped while writing chunk 2
+    resumed = run(journal)
+    assert calls == [3, 3, 3, 2, 2, 2]  # chunks 2 and 3 only
+    assert resumed[0] == whole[0]
+    assert [g[0] for g in resumed[1]] == [g[0] for g in whole[1]]
+    for a, b in zip(resumed[1], whole[1]):
+        assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert set(resumed[2]) == {"p1", "p4"}
+    assert all(np.array_equal(resumed[2][k][m], whole[2][k][m]) for k in resumed[2] for m in ("original", "cleaned"))
+    again = run(journal)
+    assert calls == [] and again[0] == whole[0]  # all on record: nothing sampled
+    other = run(journal, neurons={cleaned.value_layers[0].path: [5, 6]})
+    assert len(calls) == 9 and other[0]["random_control"]["neurons"] == 2
+
+
 def test_image_size_need_not_be_a_multiple_of_8(tmp_path) -> None:
     """A model trained elsewhere may pair 10 px latents with a VAE that doubles them: diffusers'
     pipeline refuses 20 px, but sampling passes latents of the model's own size and works."""

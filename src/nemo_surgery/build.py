@@ -6,7 +6,8 @@ results appended per prompt, the plan, the audit's records and attacked embeddin
 per-round records and plans); the bundle is assembled under a temporary name beside `<out>` and
 renamed onto it in one step, so `<out>` is either absent, the previous bundle, or the complete new
 one. Rerunning the same command resumes: finished prompts, audit targets and a matching plan are
-reused; apply, verify and export run again (seconds to a minute).
+reused, and so is each chunk of verification's full sampling already measured; apply, the rest of
+verify and export run again.
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     keep = {p.id for p in audited(mem_prompts, opts.audit)} if reuse else set()
     gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan),
                                              reference=evenly_spaced(ref_prompts, opts.verify_reference_images),
-                                             keep=keep, log=log)
+                                             keep=keep, log=log, journal=work / f"verify{suffix}.jsonl")
     kept = gen.pop("preservation", None)
     # Releasable only if the score says memorization is gone AND, where training images are
     # known, full sampling no longer reproduces them: the first-step score alone can be fooled.

@@ -160,23 +160,28 @@ def test_unreadable_image_is_a_one_line_error(tmp_path) -> None:
         load_image(bad, 32)
 
 
+def _sampling_case(cleaned, folder):
+    """Five prompts with (random) training images, settings that sample in seconds, a plan of 4
+    neurons and 3 reference prompts."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    prompts = []
+    for i, text in enumerate(["a red fox", "a blue boat", "a green tree", "a tall tower", "a small bird"]):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+        prompts.append(Prompt(f"p{i}", text, None, folder / f"{i}.png", i + 2))
+    return (prompts, GenSettings(steps=3, seeds=(0, 1)), {cleaned.value_layers[0].path: [0, 1, 2, 3]},
+            ["a quiet lake", "an old car", "a sunny field"])
+
+
 def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, monkeypatch) -> None:
     """Verification samples a corpus a chunk at a time so memory stays flat: the figures must not
     depend on the chunking, the report pictures an evenly spaced few, and only the prompts the
     audit will reuse keep their images."""
-    from PIL import Image
-
     import nemo_surgery.surgery.verify as verify
 
     original, cleaned, _, _ = models
-    rng = np.random.default_rng(0)
-    prompts = []
-    for i, text in enumerate(["a red fox", "a blue boat", "a green tree", "a tall tower", "a small bird"]):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
-        prompts.append(Prompt(f"p{i}", text, None, tmp_path / f"{i}.png", i + 2))
-    gs = GenSettings(steps=3, seeds=(0, 1))
-    neurons = {cleaned.value_layers[0].path: [0, 1, 2, 3]}
-    ref = ["a quiet lake", "an old car", "a sunny field"]
+    prompts, gs, neurons, ref = _sampling_case(cleaned, tmp_path)
     whole = verify.generation_measures(original, cleaned, prompts, gs, neurons, reference=ref)
     monkeypatch.setattr(verify, "CHUNK_PROMPTS", 2)
     monkeypatch.setattr(verify, "GRID_SHOWN", 2)
@@ -203,19 +208,10 @@ def test_verification_sampling_resumes_from_its_journal(models, tmp_path, monkey
     """Full sampling of a large corpus takes hours: a run stopped after some chunks resumes from
     its journal, samples only the chunks it lacks, and gives what an uninterrupted run gives,
     pictures and reusable samples included. A journal of other inputs is started afresh."""
-    from PIL import Image
-
     import nemo_surgery.surgery.verify as verify
 
     original, cleaned, _, _ = models
-    rng = np.random.default_rng(1)
-    prompts = []
-    for i, text in enumerate(["a red fox", "a blue boat", "a green tree", "a tall tower", "a small bird"]):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
-        prompts.append(Prompt(f"p{i}", text, None, tmp_path / f"{i}.png", i + 2))
-    gs = GenSettings(steps=3, seeds=(0, 1))
-    neurons = {cleaned.value_layers[0].path: [0, 1, 2, 3]}
-    ref = ["a quiet lake", "an old car", "a sunny field"]
+    prompts, gs, neurons, ref = _sampling_case(cleaned, tmp_path)
     monkeypatch.setattr(verify, "CHUNK_PROMPTS", 3)  # 8 prompts: chunks of 3, 3 and 2
     calls = []
     real = verify.generate

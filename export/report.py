@@ -315,8 +315,8 @@ def _generation(info: ReleaseInfo) -> str:
     control = ""
     if isinstance(rc, dict):
         control = (f"<p>Training images reproduced: {_e(fmt(gs.get('reproduced_before')))} before, "
-                   f"{_e(fmt(gs.get('reproduced_after')))} after ({_e(removal_text(gs))}); the original with as many random neurons zeroed in "
-                   f"the same layers (control, seed {_e(fmt(rc.get('seed')))}): {_e(fmt(rc.get('reproduced')))}.</p>")
+                   f"{_e(fmt(gs.get('reproduced_after')))} after ({_e(removal_text(gs))}); the original with as "
+                   f"many random neurons zeroed in the same layers (control, seed {_e(fmt(rc.get('seed')))}): {_e(fmt(rc.get('reproduced')))}.</p>")
         cp = gs.get("copies")
         if isinstance(cp, dict):
             control += (f"<p>Near-copies (own image nearest and within SSIM {_e(fmt(cp.get('ssim_to_reconstruction')))} "

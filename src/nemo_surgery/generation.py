@@ -46,8 +46,8 @@ def pipeline(model: Model):
             return super().check_inputs(prompt, 8, 8, *args, **kwargs)
 
     pipe = Pipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                    unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -23,6 +23,24 @@ def test_round_trip_and_sha(tmp_path):
     assert json.loads((tmp_path / "plan.json").read_text())["format"] == "nemo-surgery-plan"
 
 
+def test_a_plan_and_its_file_draw_the_same_random_control(tmp_path):
+    """The random-neuron control is drawn layer by layer in the plan's order: a plan made in memory
+    (layers in whatever order merging met them) and the same plan read back from plan.json, as a
+    resumed build reads it, must draw the same rows."""
+    import torch
+
+    from nemo_surgery.model import random_rows
+
+    mid = "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
+    p = Plan(layers={mid: [9, 2], L: [3, 1, 7]})
+    p.save(tmp_path / "plan.json")
+    q = Plan.load(tmp_path / "plan.json")
+    assert list(p.layers) == list(q.layers) == [L, mid] and p.layers[L] == [1, 3, 7]
+    shapes = {L: (320, 768), mid: (1280, 768)}
+    assert random_rows(shapes, p.layers, torch.Generator().manual_seed(0)) == random_rows(
+        shapes, q.layers, torch.Generator().manual_seed(0))
+
+
 def test_check_against_model_shapes():
     p = Plan(layers={L: [0, 319]}, model={"fingerprint": "a" * 64})
     p.check_against({L: (320, 768)})

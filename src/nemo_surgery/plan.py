@@ -37,6 +37,11 @@ class Plan:
     tool: dict[str, Any] = field(default_factory=lambda: {"name": "nemo-surgery", "version": __version__})
     check: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # One order for every plan, as plan.json stores it: a plan made in this run and the same
+        # plan read back must draw the same random-neuron control (drawn layer by layer in order).
+        self.layers = {k: sorted(v) for k, v in sorted(self.layers.items())}
+
     @property
     def n_neurons(self) -> int:
         return sum(len(v) for v in self.layers.values())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from skimage.filters import gaussian
 
-from nemo_surgery.generation import NEAREST_PX, nearest_share, ssim, thumbnail, thumbnails
+from nemo_surgery.generation import NEAREST_PX, Gallery, nearest_share, ssim, thumbnail
 
 
 def photo(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def main() -> None:
     pair_thumb = {k: pairwise([thumbnail(x) for x in g], small) for k, g in gens.items()}
     t_pair = time.perf_counter() - t
     t = time.perf_counter()
-    gallery = thumbnails(train)
+    gallery = Gallery(train)
     share = {k: nearest_share(g, k, gallery) for k, g in gens.items()}
     t_batch = time.perf_counter() - t
 

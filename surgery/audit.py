@@ -38,7 +38,7 @@ from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path
 from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, generate_embeddings, image_size,
-                          load_image, nearest_share, ssim, thumbnails)
+                          load_image, nearest_share, ssim)
 from ..localize.runner import make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
@@ -343,7 +343,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     size = image_size(original)
     candidates = {t.id: t.image for t in targets}
     candidates |= {p.id: load_image(p.image, size) for p in memorized if p.image is not None and p.id not in candidates}
-    candidates = thumbnails(candidates)  # compared as thumbnails: made once, not per query
+    candidates = Gallery(candidates)  # compared as thumbnails: made once, not per query
     config = {"mode": "audit", "original": original.fingerprint, "cleaned": cleaned.fingerprint,
               "targets": [[t.id, t.prompt, t.source] for t in targets], "candidates": sorted(candidates),
               "settings": settings.to_dict(),

@@ -24,7 +24,7 @@ from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
-                          load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim, thumbnails)
+                          load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim)
 from ..localize.merge import as_layers, most_needed
 from ..localize.runner import Engine, make_header, open_results
 from ..localize.score import Scorer
@@ -228,7 +228,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     size = image_size(original) if items else 0
     # Only the thumbnails of the whole corpus's training images stay in memory (the nearest-image
     # search needs them all); full-size images and reconstructions are made chunk by chunk.
-    near = thumbnails({p.id: load_image(p.image, size) for p in with_img})
+    near = Gallery({p.id: load_image(p.image, size) for p in with_img})
     shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
     done = {}
     if journal is not None:
@@ -503,7 +503,7 @@ def own_set_specificity(model: Model, prompts: list[Prompt], records: list[dict]
     refined = {str(r["id"]): {k: v for k, v in (r.get("refined") or {}).items() if v} for r in records}
     with_img = [p for p in prompts if p.image is not None and refined.get(p.id)]
     size = image_size(model)
-    train = thumbnails({p.id: load_image(p.image, size) for p in prompts if p.image is not None})
+    train = Gallery({p.id: load_image(p.image, size) for p in prompts if p.image is not None})
     g = torch.Generator().manual_seed(seed)
     original = generate(model, [p.text for p in with_img], settings) if with_img else []
     rows = []

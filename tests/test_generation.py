@@ -52,10 +52,10 @@ def test_preservation_against_seed_noise_and_control() -> None:
 
 
 def test_nearest_search_compares_thumbnails() -> None:
-    from nemo_surgery.generation import NEAREST_PX, thumbnail, thumbnails
+    from nemo_surgery.generation import NEAREST_PX, Gallery, thumbnail
 
     big = {k: np.kron(_photo(s), np.ones((4, 4, 1), dtype=np.float32)) for k, s in (("a", 0), ("b", 1))}  # 256 px
-    small = thumbnails(big)
+    small = Gallery(big)
     assert small.size == (NEAREST_PX, NEAREST_PX) and list(small) == ["a", "b"]
     half = thumbnail(big["a"])
     assert half.shape == (NEAREST_PX, NEAREST_PX, 3)

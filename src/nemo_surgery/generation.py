@@ -222,11 +222,6 @@ def _local_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, _cov_norm() * (_box(x * x) - u * u)
 
 
-def thumbnails(candidates: dict[str, np.ndarray]) -> Gallery:
-    """Candidates made ready for the nearest-image search once, not at every query."""
-    return Gallery(candidates)
-
-
 def _gallery(candidates: Gallery | dict[str, np.ndarray]) -> Gallery:
     return candidates if isinstance(candidates, Gallery) else Gallery(candidates)
 

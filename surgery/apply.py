@@ -22,13 +22,12 @@ from pathlib import Path
 from .. import __version__
 from ..errors import NemoError
 from ..files import TMP_PREFIX, atomic_dir, atomic_path, canonical_json, check_apart, output_path
-from ..model import PICKLE_SUFFIXES, VALUE_SUFFIX, value_digest
+from ..model import PICKLE_SUFFIXES, value_digest
 from ..plan import Plan
 from ..safetensors_io import Header, TensorEntry, encode_header, read_header
-from .keymap import LDM_PREFIX, layers_per_block_of, ldm_to_diffusers
+from .keymap import VALUE_KEY, layers_per_block_of, value_layer_of
 
 FORMATS = ("diffusers", "single")  # a diffusers folder; one .safetensors file
-VALUE_KEY = f"{VALUE_SUFFIX}.weight"
 UNET_DIR = "unet"
 META_PLAN = "nemo_surgery.plan_sha256"
 META_VERSION = "nemo_surgery.version"
@@ -147,12 +146,9 @@ def _values_single(header: Header) -> dict[str, _Value]:
     values: dict[str, _Value] = {}
     lpb = layers_per_block_of(header.tensors)
     for key, entry in header.tensors.items():
-        if not key.endswith(VALUE_KEY):
+        name = value_layer_of(key, lpb)
+        if name is None:
             continue
-        # LDM names are mapped to module paths so plans and digests match the diffusers folder's.
-        # A bare diffusers UNet file (no prefix) already uses them.
-        name = ldm_to_diffusers(key, lpb) if key.startswith(LDM_PREFIX) else key
-        name = name[: -len(".weight")]
         if name in values:
             raise NemoError(f"{header.path}: value layer {name} is stored twice "
                             f"({values[name].entry.name!r} and {key!r})")

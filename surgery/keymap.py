@@ -16,8 +16,10 @@ import re
 from collections.abc import Iterable
 
 from ..errors import NemoError
+from ..model import VALUE_SUFFIX
 
 LDM_PREFIX = "model.diffusion_model."
+VALUE_KEY = f"{VALUE_SUFFIX}.weight"
 
 _DIFFUSERS = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)((?:\..+)?)$")
 _DIFFUSERS_MID = re.compile(r"^mid_block\.attentions\.(\d+)((?:\..+)?)$")
@@ -86,3 +88,14 @@ def ldm_to_diffusers(key: str, layers_per_block: int = 2) -> str:
         return f"mid_block.attentions.0{m.group(1)}"
     raise NemoError(f"{key}: not an LDM UNet attention key (expected {LDM_PREFIX}input_blocks.N.1..., "
                     f"middle_block.1... or output_blocks.N.1...)")
+
+
+def value_layer_of(key: str, layers_per_block: int = 2) -> str | None:
+    """The module path of a value layer's weight key, in LDM or diffusers naming (a bare
+    diffusers UNet file has no prefix), so that plans and digests name a single file's layers as
+    the diffusers folder does; None for any other key. An LDM value key outside any attention
+    slot raises (NemoError)."""
+    if not key.endswith(VALUE_KEY):
+        return None
+    name = key[: -len(".weight")]
+    return ldm_to_diffusers(name, layers_per_block) if name.startswith(LDM_PREFIX) else name

@@ -28,9 +28,9 @@ from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, div
 from ..localize.merge import as_layers, most_needed
 from ..localize.runner import Engine, make_header, open_results
 from ..localize.score import Scorer
-from ..model import VALUE_SUFFIX, Model, random_rows, zeroed_rows
+from ..model import Model, random_rows, zeroed_rows
 from ..plan import Plan
-from .keymap import layers_per_block_of, ldm_to_diffusers
+from .keymap import layers_per_block_of, value_layer_of
 
 MIN_MITIGATED = 0.95  # share of memorized prompts that must be mitigated for a releasable bundle
 REFERENCE_SHOWN = 4  # reference prompts whose images the report shows before and after
@@ -55,17 +55,13 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _module_of(key: str, layers_per_block: int = 2) -> str | None:
-    """Diffusers module path of a value-layer weight key (diffusers or LDM naming), else None."""
-    if not key.endswith(f"{VALUE_SUFFIX}.weight"):
+def _module_of(key: str, layers_per_block: int) -> str | None:
+    """A value layer's module path, else None. A key that names none (a malformed file) is then
+    held to bit-identity like any tensor outside the plan."""
+    try:
+        return value_layer_of(key, layers_per_block)
+    except NemoError:
         return None
-    name = key[: -len(".weight")]
-    if name.startswith("model.diffusion_model."):
-        try:
-            name = ldm_to_diffusers(name, layers_per_block)
-        except (NemoError, ValueError):
-            return None
-    return name
 
 
 def _pairs(original: Path, cleaned: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:

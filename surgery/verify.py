@@ -219,12 +219,8 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     if original.vae is None or cleaned.vae is None:
         with_img, reference = [], []
     rand = random_rows(original.shapes, neurons, torch.Generator().manual_seed(control_seed)) if neurons else None
-    control_of = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed} if neurons else {}
     items: list[tuple[Prompt | None, str]] = [(p, p.text) for p in with_img] + [(None, t) for t in reference]
     size = image_size(original) if items else 0
-    # Only the thumbnails of the whole corpus's training images stay in memory (the nearest-image
-    # search needs them all); full-size images and reconstructions are made chunk by chunk.
-    near = Gallery({p.id: load_image(p.image, size) for p in with_img})
     shown = {p.id for p in evenly_spaced(with_img, GRID_SHOWN)}
     done = {}
     if journal is not None:
@@ -240,6 +236,10 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
         if done:
             log(f"{stage}: resuming: {len(done)} of {-(-len(items) // CHUNK_PROMPTS)} chunks of prompts already "
                 f"sampled in {journal}")
+    # Only the thumbnails of the whole corpus's training images stay in memory (the nearest-image
+    # search needs them all); full-size images and reconstructions are made chunk by chunk. They
+    # are loaded when a chunk is first sampled: a run resumed at its end needs none of them.
+    near: Gallery | None = None
     rows, kept_rows, grid, ref_grid, samples = [], [], [], [], {}
     t0 = time.perf_counter()
     for start in range(0, len(items), CHUNK_PROMPTS):
@@ -248,34 +248,10 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
         if key in done:
             rec, images = done[key], _load_chunk_images(journal, start)
         else:
-            texts = [t for _, t in chunk]
-            before, after = generate(original, texts, settings), generate(cleaned, texts, settings)
-            control = None
-            if rand is not None:
-                with zeroed_rows(original, rand):
-                    control = generate(original, texts, settings)
-            rec = {"id": key, "rows": [], "kept_rows": [], "pictures": [], "reference_pictures": [], "samples": []}
-            images = {}
-            for j, (p, _) in enumerate(chunk):
-                c = None if control is None else control[j]
-                if p is None:
-                    rec["kept_rows"].append(_preservation_row(before[j], after[j], c))
-                    n_ref = len(ref_grid) + len(rec["reference_pictures"])
-                    if n_ref < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
-                        label = f"reference prompt {n_ref + 1} (not memorized)"
-                        rec["reference_pictures"].append(label)
-                        images[f"{label}/before"], images[f"{label}/after"] = before[j], after[j]
-                    continue
-                train = load_image(p.image, size)
-                rec["rows"].append(_reproduction_row(p, before[j], after[j], c, train, reconstruct(original, train),
-                                                     near))
-                if p.id in shown:
-                    label = f"{p.id} ({p.type or '-'})"
-                    rec["pictures"].append(label)
-                    images[f"{label}/before"], images[f"{label}/after"] = before[j], after[j]
-                if keep is None or p.id in keep:
-                    rec["samples"].append(p.id)
-                    images[f"sample:{p.id}/original"], images[f"sample:{p.id}/cleaned"] = before[j], after[j]
+            if near is None:
+                near = Gallery({p.id: load_image(p.image, size) for p in with_img})
+            rec, images = _sample_chunk(original, cleaned, chunk, key, settings, rand, near, size, shown, keep,
+                                        len(ref_grid))
             if journal is not None:
                 # the images first: a chunk on record always has its pictures
                 _save_chunk_images(journal, start, images)
@@ -286,20 +262,64 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
             into += [(label, images[f"{label}/before"], images[f"{label}/after"]) for label in pictures]
         for pid in rec["samples"]:
             samples[pid] = {"original": images[f"sample:{pid}/original"], "cleaned": images[f"sample:{pid}/cleaned"]}
-        n_done = start + len(chunk)
-        log(f"{stage}: sampled {n_done}/{len(items)} prompts ({len(with_img)} memorized, {len(reference)} reference) "
-            f"x {len(settings.seeds)} seeds on the original, the cleaned model"
+        log(f"{stage}: sampled {start + len(chunk)}/{len(items)} prompts ({len(with_img)} memorized, "
+            f"{len(reference)} reference) x {len(settings.seeds)} seeds on the original, the cleaned model"
             f"{' and with as many random neurons' if rand is not None else ''} ({time.perf_counter() - t0:.1f} s)"
             + (" (from the journal)" if key in done else ""))
+    control_of = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed} if neurons else None
+    return _generation_summary(rows, kept_rows, settings, control_of, pictured=len(grid)), grid + ref_grid, samples
+
+
+def _sample_chunk(original: Model, cleaned: Model, chunk: list[tuple[Prompt | None, str]], key: str,
+                  settings: GenSettings, rand: dict | None, near: Gallery, size: int, shown: set[str],
+                  keep: set[str] | None, ref_pictured: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """Sample one chunk of prompts (memorized ones with their training image, then reference
+    prompts: None) on the original, the cleaned model and the random control, and measure them.
+    Returns the chunk's journal record and its images by name: the pictures for the report
+    (`ref_pictured` reference prompts already pictured) and the samples the audit reuses."""
+    texts = [t for _, t in chunk]
+    before, after = generate(original, texts, settings), generate(cleaned, texts, settings)
+    control = None
+    if rand is not None:
+        with zeroed_rows(original, rand):
+            control = generate(original, texts, settings)
+    rec = {"id": key, "rows": [], "kept_rows": [], "pictures": [], "reference_pictures": [], "samples": []}
+    images = {}
+    for j, (p, _) in enumerate(chunk):
+        c = None if control is None else control[j]
+        if p is None:
+            rec["kept_rows"].append(_preservation_row(before[j], after[j], c))
+            n_ref = ref_pictured + len(rec["reference_pictures"])
+            if n_ref < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
+                label = f"reference prompt {n_ref + 1} (not memorized)"
+                rec["reference_pictures"].append(label)
+                images[f"{label}/before"], images[f"{label}/after"] = before[j], after[j]
+            continue
+        train = load_image(p.image, size)
+        rec["rows"].append(_reproduction_row(p, before[j], after[j], c, train, reconstruct(original, train), near))
+        if p.id in shown:
+            label = f"{p.id} ({p.type or '-'})"
+            rec["pictures"].append(label)
+            images[f"{label}/before"], images[f"{label}/after"] = before[j], after[j]
+        if keep is None or p.id in keep:
+            rec["samples"].append(p.id)
+            images[f"sample:{p.id}/original"], images[f"sample:{p.id}/cleaned"] = before[j], after[j]
+    return rec, images
+
+
+def _generation_summary(rows: list[dict], kept_rows: list[dict], settings: GenSettings, control_of: dict | None,
+                        pictured: int) -> dict:
+    """The measures of all chunks: reproductions and near-copies before, after and under the
+    random control (`control_of`: its size and seed, None without one), and preservation."""
     kept = None
     if kept_rows:
         kept = preservation_summary(kept_rows, settings)
-        if rand is not None:
+        if control_of is not None:
             kept["random_control"] |= control_of
     if not rows:
         # Nothing to sample against: the release gate rests on the score alone.
         return ({"prompts": 0, "reproduced_before": 0, "reproduced_after": 0, "removed_share": None, "rows": []}
-                | ({"preservation": kept} if kept else {}), ref_grid, {})
+                | ({"preservation": kept} if kept else {}))
     was = [r for r in rows if r["reproduced_before"]]
     copied = [r for r in rows if r["copied_before"]]
     summary = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
@@ -311,14 +331,14 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                           "after": sum(r["copied_after"] for r in rows),
                           "removed_share": _gone(copied, "copied_after"),
                           "appeared_after": _appeared(rows, "copied")},
-               "pictured": len(grid), "rows": rows}
-    if rand is not None:
+               "pictured": pictured, "rows": rows}
+    if control_of is not None:
         summary["random_control"] = control_of | {
             "reproduced": sum(r["reproduced_random"] for r in rows), "removed_share": _gone(was, "reproduced_random"),
             "copies": sum(r["copied_random"] for r in rows), "copies_removed_share": _gone(copied, "copied_random")}
     if kept:
         summary["preservation"] = kept
-    return summary, grid + ref_grid, samples
+    return summary
 
 
 def _reproduction_row(p: Prompt, before: np.ndarray, after: np.ndarray, control: np.ndarray | None,

@@ -238,8 +238,12 @@ def test_verification_sampling_resumes_from_its_journal(models, tmp_path, monkey
         assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
     assert set(resumed[2]) == {"p1", "p4"}
     assert all(np.array_equal(resumed[2][k][m], whole[2][k][m]) for k in resumed[2] for m in ("original", "cleaned"))
+    loaded = []
+    real_load = verify.load_image
+    monkeypatch.setattr(verify, "load_image", lambda path, size: loaded.append(path) or real_load(path, size))
     again = run(journal)
-    assert calls == [] and again[0] == whole[0]  # all on record: nothing sampled
+    # All on record: nothing sampled, and no training image read for a nearest-image search.
+    assert calls == [] and loaded == [] and again[0] == whole[0]
     other = run(journal, neurons={cleaned.value_layers[0].path: [5, 6]})
     assert len(calls) == 9 and other[0]["random_control"]["neurons"] == 2
     # The same neurons listed in another layer order draw another control: not taken from the journal.

@@ -272,6 +272,16 @@ def test_image_folder_metadata(tmp_path: Path) -> None:
         assert p.text == "a red barn" and p.image == (tmp_path / "a.png").resolve()
 
 
+@pytest.mark.parametrize("column", ["training_image", "Train_Image", "img_path", "filename"])
+def test_training_image_column_names(tmp_path: Path, column: str) -> None:
+    """The paper's file with a training-image column under one of the names such files use."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    body = f';Caption;URL;type;mean_sscd;max_sscd;Index;{column}\n0;"a red; barn";http://x;VM;0.9;0.9;7;imgs/a.png\n'
+    (p,) = read_corpus(write(tmp_path / "mem.csv", body)).prompts
+    assert p.text == "a red; barn" and p.type == "VM" and p.image == (tmp_path / "imgs" / "a.png").resolve()
+
+
 @pytest.mark.parametrize("name", ["p.csv", "p.txt", "p.jsonl"])
 def test_line_too_long(tmp_path: Path, name: str) -> None:
     secret = "Z" * 5000

@@ -25,7 +25,9 @@ CAPTION_COLUMNS = ("caption", "prompt", "text")
 TYPE_COLUMN = "type"
 # `index` is the paper's LAION index; `id` is the plain name other files use.
 ID_COLUMNS = ("index", "id")
-IMAGE_COLUMNS = ("image", "image_path", "file_name", "file", "path")
+# A training image's column goes by many names in the wild; the first of these present is taken.
+IMAGE_COLUMNS = ("image", "image_path", "image_file", "image_filename", "training_image", "train_image",
+                 "img", "img_path", "file_name", "filename", "file_path", "file", "path")
 MEMORIZATION_TYPES = ("VM", "TM")
 DELIMITERS = (",", ";", "\t", "|")
 

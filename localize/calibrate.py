@@ -110,18 +110,28 @@ def activation_stats(model: Model, scorer: Scorer, prompts: list[str]) -> tuple[
 
 def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256: str,
               score_prompts: int = CALIBRATION_SCORE_PROMPTS,
-              progress: Callable[[int, int], None] | None = None, settings: dict | None = None) -> Calibration:
+              progress: Callable[[int, int], None] | None = None, settings: dict | None = None,
+              known: dict[int, float] | None = None,
+              on_score: Callable[[int, str, float], None] | None = None) -> Calibration:
     """`settings`: `calibration_settings` for this model and scorer, where the caller has them
-    already (they hash every UNet weight)."""
+    already (they hash every UNet weight). Scoring the reference subset is the long part (10 UNet
+    samples a prompt): `known` gives scores already computed for this calibration, by position in
+    the subset, and `on_score(position, prompt, score)` is called for each new one, so that a
+    caller can keep them and an interrupted calibration resumes."""
     if len(prompts) < 2:
         raise NemoError(f"calibration needs at least 2 reference prompts, got {len(prompts)}")
     t0 = time.time()
     mean, std = activation_stats(model, scorer, prompts)
     subset = evenly_spaced(prompts, score_prompts)
+    known = known or {}
     scores = []
     for i, prompt in enumerate(subset):
-        d = scorer.prompt_noise_diffs(scorer.embed([prompt]))
-        scores.append(scorer.prompt_score(d))
+        if i in known:
+            scores.append(known[i])
+        else:
+            scores.append(scorer.prompt_score(scorer.prompt_noise_diffs(scorer.embed([prompt]))))
+            if on_score:
+                on_score(i, prompt, scores[-1])
         if progress:
             progress(i + 1, len(subset))
     t = torch.tensor(scores, dtype=torch.float64)

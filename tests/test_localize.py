@@ -194,6 +194,39 @@ def test_fused_attention_traces_as_diffusers_and_falls_back(tiny, tmp_path, monk
         runner.close()
 
 
+def test_calibration_resumes_its_scoring(tiny, tmp_path):
+    """Scoring the reference prompts is calibration's long part: interrupted, it resumes from the
+    scores already kept, and gives what an uninterrupted calibration gives."""
+    from nemo_surgery.engine import get_calibration
+
+    _, model, engine, ref, _ = tiny
+    scorer, calls = engine.scorer, []
+    real = scorer.prompt_noise_diffs
+
+    def counted(emb, stop_at=None):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(emb)
+
+    whole = get_calibration(model, scorer, ref, tmp_path / "a")
+    try:
+        scorer.prompt_noise_diffs = lambda emb: counted(emb, stop_at=4)
+        with pytest.raises(KeyboardInterrupt):
+            get_calibration(model, scorer, ref, tmp_path / "b")
+        (journal,) = (tmp_path / "b" / "calibration").glob("*.scores.jsonl")
+        assert len(journal.read_text().splitlines()) == 1 + 3
+        calls.clear()
+        logs: list[str] = []
+        scorer.prompt_noise_diffs = counted
+        resumed = get_calibration(model, scorer, ref, tmp_path / "b", log=logs.append)
+    finally:
+        del scorer.prompt_noise_diffs
+    assert len(calls) == len(PROMPTS) - 3 and any("resuming: 3 of 6" in m for m in logs)
+    assert resumed.reference_scores == whole.reference_scores and resumed.theta_mem == whole.theta_mem
+    assert not journal.exists() and resumed.key() == whole.key()
+
+
 def test_calibration_statistics_and_cache(tiny):
     root, model, engine, ref, _ = tiny
     cal = engine.calibration

@@ -408,14 +408,15 @@ def preservation(before: np.ndarray, after: np.ndarray, control: np.ndarray | No
 
 def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], prompts: list[Prompt],
                   reference: list[str] = (), settings: GenSettings = GenSettings(), control_seed: int = 0,
-                  log: Callable[[str], None] = lambda s: None) -> dict:
+                  log: Callable[[str], None] = lambda s: None, work: Path | None = None) -> dict:
     """What a smaller plan would remove and cost: for each K in `sizes`, the plan's K most needed
     neurons (the order `merge --max-neurons K` keeps; neurons without a count last) zeroed in
     `copy` (a second load of the original; restored after), measured as verification measures a
     release (`generation_measures`: reproductions and near-copies of the prompts with a training
     image, the reference prompts' images against the original's, and as many random neurons).
     Every neuron zeroed costs some quality for every user of the model: the curve is what a
-    publisher picks K from."""
+    publisher picks K from. With a `work` folder each size keeps a journal there
+    (`curve-K.jsonl`), so an interrupted curve resumes at the chunk of prompts it stopped in."""
     counts = {path: {n: plan.counts.get(path, {}).get(n, 0) for n in rows} for path, rows in plan.layers.items()}
     ranked = most_needed(counts)
     rows = []
@@ -423,7 +424,8 @@ def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], pr
         top = as_layers(ranked[:k])
         with zeroed_rows(copy, top):
             gen, _, _ = generation_measures(original, copy, prompts, settings, top, control_seed, reference,
-                                            keep=set(), log=log, stage=f"curve, {k} neurons")
+                                            keep=set(), log=log, stage=f"curve, {k} neurons",
+                                            journal=None if work is None else Path(work) / f"curve-{k}.jsonl")
         rc, pr = gen.get("random_control") or {}, gen.get("preservation") or {}
         row = {"neurons": k, "prompts": gen["prompts"], "reproduced_before": gen["reproduced_before"],
                "reproduced_after": gen["reproduced_after"], "removed_share": gen["removed_share"],

@@ -4,6 +4,7 @@ traceback and unchanged inputs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -328,6 +329,26 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
     assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
     assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
+    assert not (tmp_path / "curve.json.work").exists()
+    # Interrupted while sampling the second size, it resumes there: the first size is not sampled again.
+    import nemo_surgery.surgery.verify as verify
+
+    calls, real = [], verify.generate
+
+    def generate(model, texts, settings, stop_at=None):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(model, texts, settings)
+
+    out.unlink()
+    with mock.patch.object(verify, "generate", functools.partial(generate, stop_at=4)):
+        assert run(*args, "--sizes", "0,2").returncode == 130 and not out.exists()
+    calls.clear()
+    with mock.patch.object(verify, "generate", generate):
+        again = run(*args, "--sizes", "0,2")
+    assert again.returncode == 0 and len(calls) == 3 + 3  # before, after and control for sizes 2 and 4
+    assert "curve, 0 neurons: resuming: 1 of 1 chunks" in again.stderr and json.loads(out.read_text()) == c
     assert_clean_error(run(*args, "--sizes", "2,x"), "--sizes", "whole numbers")
     corpus.write_text("caption\na red fox\n")
     assert_clean_error(run(*args), str(corpus), "no prompt names a training image")

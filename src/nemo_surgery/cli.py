@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -477,13 +478,16 @@ def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_s
     original, copy = open_model(model, runtime), open_model(model, runtime)
     plan.check_against(original.shapes, str(plan_path), original.fingerprint)
     settings = GenSettings(steps=sample_steps, seeds=tuple(range(sample_seeds)))
+    # Each size's sampling is kept here as it goes, so that rerunning the command resumes it.
+    work = out.with_name(out.name + ".work")
     result = removal_curve(original, copy, plan, [*sizes, plan.n_neurons], c.prompts,
                            [p.text for p in evenly_spaced(list(ref_corpus.prompts), reference_images)], settings,
-                           log=log)
+                           log=log, work=work)
     result |= {"plan_sha256": plan.sha256(), "corpus_sha256": c.sha256, "reference_sha256": ref_corpus.sha256,
                "model_fingerprint": original.fingerprint,
                "tool": {"name": "nemo-surgery", "version": __version__}}
     write_json_atomic(out, result)
+    shutil.rmtree(work, ignore_errors=True)
     log(f"written: {out}")
 
 

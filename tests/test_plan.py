@@ -24,9 +24,9 @@ def test_round_trip_and_sha(tmp_path):
 
 
 def test_a_plan_and_its_file_draw_the_same_random_control(tmp_path):
-    """The random-neuron control is drawn layer by layer in the plan's order: a plan made in memory
-    (layers in whatever order merging met them) and the same plan read back from plan.json, as a
-    resumed build reads it, must draw the same rows."""
+    """A plan made in memory (layers in whatever order merging met them) and the same plan read
+    back from plan.json, as a resumed build or an auditor reads it, must draw the same random-neuron
+    control; so must the same neurons listed in any order (`curve` lists them by rank)."""
     import torch
 
     from nemo_surgery.model import random_rows
@@ -39,6 +39,9 @@ def test_a_plan_and_its_file_draw_the_same_random_control(tmp_path):
     shapes = {L: (320, 768), mid: (1280, 768)}
     assert random_rows(shapes, p.layers, torch.Generator().manual_seed(0)) == random_rows(
         shapes, q.layers, torch.Generator().manual_seed(0))
+    by_rank = {mid: [9, 2], L: [3, 1, 7]}
+    assert random_rows(shapes, by_rank, torch.Generator().manual_seed(0)) == random_rows(
+        shapes, p.layers, torch.Generator().manual_seed(0))
 
 
 def test_check_against_model_shapes():

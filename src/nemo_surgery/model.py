@@ -399,8 +399,10 @@ def load_model(path: Path, *, allow_pickle: bool = False, device: str = "cpu",
 def random_rows(shapes: dict[str, tuple[int, int]], neurons: dict[str, Any], generator: torch.Generator
                 ) -> dict[str, list[int]]:
     """As many rows as `neurons` has in each layer, drawn at random (the control that tells neurons
-    specific to memorization from any damage of the same size)."""
-    return {k: torch.randperm(shapes[k][0], generator=generator)[:len(v)].tolist() for k, v in neurons.items()}
+    specific to memorization from any damage of the same size). Drawn layer by layer in the
+    layers' sorted order, so that the same neurons draw the same control whatever order they come
+    in: a build's plan, a curve's K most needed neurons and an auditor's reading of plan.json."""
+    return {k: torch.randperm(shapes[k][0], generator=generator)[:len(neurons[k])].tolist() for k in sorted(neurons)}
 
 
 class zeroed_rows:

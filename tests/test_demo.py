@@ -63,22 +63,22 @@ def test_plan_verification_and_model_loads(bundle):
     assert verify["weights"]["ok"] and verify["equivalence"]["exact"]
     mem = verify["memorized"]
     # The plan lowers every memorized prompt's score on average; whether it gets below theta_mem is
-    # what the releasable flag reports (the demo does not reach 95 %: see README).
+    # what the releasable flag reports (the demo does not reach 95 %: see docs/demo.md).
     assert sum(mem["scores_after"]) < sum(mem["scores_before"])
     gen = verify["generation_summary"]
     assert gen["reproduced_before"] >= 9  # the demo reproduces its photos before surgery
     # The control: as many random neurons in the same layers. The plan's own removal must not fall
-    # below it (README, same draws and seeds: 8 of 11 removed against 6).
+    # below it (docs/demo.md, same draws and seeds: 8 of 11 removed against 6).
     rc = gen["random_control"]
     assert rc["neurons"] == plan["check"]["neurons"] and rc["seed"] == 0
     assert gen["removed_share"] >= rc["removed_share"] and rc["reproduced"] >= gen["reproduced_after"]
     assert f"reproduces {rc['reproduced']}; the plan removes" in (out / "README.md").read_text()
-    # Near-copies (README: 9 before, the plan removes 9 of them, random neurons 6).
+    # Near-copies (docs/demo.md: 9 before, the plan removes 9 of them, random neurons 6).
     cp = gen["copies"]
     assert cp["before"] >= 8 and cp["after"] <= rc["copies"]
     assert cp["removed_share"] >= rc["copies_removed_share"]
     # Images of prompts the plan was not aimed at move (250 of 384 neurons of the searched layers go;
-    # README: SSIM 0.49 to the original's over 16 prompts), about as much as under random neurons
+    # docs/demo.md: SSIM 0.49 to the original's over 16 prompts), about as much as under random neurons
     # of the plan's size, yet stay closer to the original's than another seed of the original is.
     pr = verify["preservation"]
     assert pr["prompts"] == 8 and pr["random_control"]["neurons"] == rc["neurons"]
@@ -115,7 +115,7 @@ def test_audit_in_bundle(bundle):
 def test_refined_sets_are_specific_to_their_prompts(bundle):
     """NeMo's claim, in images: each memorized prompt sampled with its own refined set zeroed
     loses its training image more often than with as many random neurons in the same layers
-    (README: 4 of 11 reproductions removed against 0 at 50 steps; at 10 steps 5 against 0)."""
+    (docs/demo.md: 4 of 11 reproductions removed against 0 at 50 steps; at 10 steps 5 against 0)."""
     from nemo_surgery.corpus import read_corpus
     from nemo_surgery.generation import GenSettings
     from nemo_surgery.model import load_model

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
-from ..files import append_jsonl, atomic_path, sha256_file
+from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
                           load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim)
 from ..localize.merge import as_layers, most_needed
@@ -195,7 +195,8 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                         settings: GenSettings = GenSettings(), neurons: dict[str, Any] | None = None,
                         control_seed: int = 0, reference: list[str] = (), keep: set[str] | None = None,
                         log: Callable[[str], None] = lambda s: None, stage: str = "verify",
-                        journal: Path | None = None) -> tuple[dict, list[tuple], dict]:
+                        journal: Path | None = None, originals: Path | None = None
+                        ) -> tuple[dict, list[tuple], dict]:
     """For prompts with a training image, full sampling before and after: SSIM to the training
     image, diversity across seeds, and how often the prompt's own training image is the nearest of
     the corpus's training images. A prompt *reproduces* its image when that happens in more than
@@ -214,7 +215,12 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     With a `journal` (a JSONL file, its chunks' images in safetensors files beside it), each
     chunk's measures are appended as it finishes, and a rerun with the same inputs samples only
     the chunks not yet on record: on a corpus of hundreds of prompts this is hours of sampling.
-    A journal made with other inputs is started afresh."""
+    A journal made with other inputs is started afresh.
+
+    With an `originals` folder, the original's images of each chunk are kept there and reused by
+    any later call with the same original, prompts and sampling settings (`curve` measures many
+    plans against one original). `cleaned` may be `original` itself: its images are then not
+    sampled twice."""
     with_img = [p for p in prompts if p.image is not None]
     if original.vae is None or cleaned.vae is None:
         with_img, reference = [], []
@@ -251,7 +257,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
             if near is None:
                 near = Gallery({p.id: load_image(p.image, size) for p in with_img})
             rec, images = _sample_chunk(original, cleaned, chunk, key, settings, rand, near, size, shown, keep,
-                                        len(ref_grid))
+                                        len(ref_grid), originals)
             if journal is not None:
                 # the images first: a chunk on record always has its pictures
                 _save_chunk_images(journal, start, images)
@@ -272,13 +278,15 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
 
 def _sample_chunk(original: Model, cleaned: Model, chunk: list[tuple[Prompt | None, str]], key: str,
                   settings: GenSettings, rand: dict | None, near: Gallery, size: int, shown: set[str],
-                  keep: set[str] | None, ref_pictured: int) -> tuple[dict, dict[str, np.ndarray]]:
+                  keep: set[str] | None, ref_pictured: int, originals: Path | None = None
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
     """Sample one chunk of prompts (memorized ones with their training image, then reference
     prompts: None) on the original, the cleaned model and the random control, and measure them.
     Returns the chunk's journal record and its images by name: the pictures for the report
     (`ref_pictured` reference prompts already pictured) and the samples the audit reuses."""
     texts = [t for _, t in chunk]
-    before, after = generate(original, texts, settings), generate(cleaned, texts, settings)
+    before = _original_images(original, texts, settings, originals)
+    after = before if cleaned is original else generate(cleaned, texts, settings)
     control = None
     if rand is not None:
         with zeroed_rows(original, rand):
@@ -305,6 +313,25 @@ def _sample_chunk(original: Model, cleaned: Model, chunk: list[tuple[Prompt | No
             rec["samples"].append(p.id)
             images[f"sample:{p.id}/original"], images[f"sample:{p.id}/cleaned"] = before[j], after[j]
     return rec, images
+
+
+def _original_images(original: Model, texts: list[str], settings: GenSettings, folder: Path | None) -> np.ndarray:
+    """The original's images of `texts`, sampled, or read from `folder` where an earlier call
+    sampled the same prompts with the same model and settings (sampling is deterministic, so a
+    kept copy is what sampling again would give, bit for bit)."""
+    if folder is None:
+        return generate(original, texts, settings)
+    from safetensors.numpy import load_file, save_file
+
+    key = sha256_bytes(canonical_json({"model": original.fingerprint, "sampling": asdict(settings),
+                                       "texts": texts}).encode())
+    path = Path(folder) / f"original-{key[:24]}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["images"]
+    images = generate(original, texts, settings)
+    with atomic_path(path) as tmp:
+        save_file({"images": np.ascontiguousarray(images)}, str(tmp))
+    return images
 
 
 def _generation_summary(rows: list[dict], kept_rows: list[dict], settings: GenSettings, control_of: dict | None,
@@ -416,16 +443,20 @@ def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], pr
     image, the reference prompts' images against the original's, and as many random neurons).
     Every neuron zeroed costs some quality for every user of the model: the curve is what a
     publisher picks K from. With a `work` folder each size keeps a journal there
-    (`curve-K.jsonl`), so an interrupted curve resumes at the chunk of prompts it stopped in."""
+    (`curve-K.jsonl`), so an interrupted curve resumes at the chunk of prompts it stopped in, and
+    the original's images are sampled once for all sizes (kept there too, `original-*`)."""
     counts = {path: {n: plan.counts.get(path, {}).get(n, 0) for n in rows} for path, rows in plan.layers.items()}
     ranked = most_needed(counts)
     rows = []
     for k in sorted({min(max(0, k), len(ranked)) for k in sizes}):
         top = as_layers(ranked[:k])
         with zeroed_rows(copy, top):
-            gen, _, _ = generation_measures(original, copy, prompts, settings, top, control_seed, reference,
-                                            keep=set(), log=log, stage=f"curve, {k} neurons",
-                                            journal=None if work is None else Path(work) / f"curve-{k}.jsonl")
+            # K = 0 is the original itself: nothing to sample but the original.
+            gen, _, _ = generation_measures(original, copy if top else original, prompts, settings, top,
+                                            control_seed, reference, keep=set(), log=log,
+                                            stage=f"curve, {k} neurons",
+                                            journal=None if work is None else Path(work) / f"curve-{k}.jsonl",
+                                            originals=work)
         rc, pr = gen.get("random_control") or {}, gen.get("preservation") or {}
         row = {"neurons": k, "prompts": gen["prompts"], "reproduced_before": gen["reproduced_before"],
                "reproduced_after": gen["reproduced_after"], "removed_share": gen["removed_share"],

@@ -320,17 +320,6 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     out = tmp_path / "curve.json"
     args = ["curve", "--model", str(tiny_model), "--corpus", str(corpus), "--plan", str(plan), "--reference", str(ref),
             "--reference-images", "2", "--sample-steps", "2", "--sample-seeds", "2", "--out", str(out)]
-    proc = run(*args, "--sizes", "0,2")
-    assert proc.returncode == 0, proc.stderr
-    c = json.loads(out.read_text())
-    rows = c["sizes"]
-    assert [r["neurons"] for r in rows] == [0, 2, 4] and c["plan_neurons"] == 4 and c["reference_prompts"] == 2
-    assert c["reference_sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
-    assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
-    assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
-    assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
-    assert not (tmp_path / "curve.json.work").exists()
-    # Interrupted while sampling the second size, it resumes there: the first size is not sampled again.
     import nemo_surgery.surgery.verify as verify
 
     calls, real = [], verify.generate
@@ -341,13 +330,40 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
             raise KeyboardInterrupt
         return real(model, texts, settings)
 
+    with mock.patch.object(verify, "generate", generate):
+        proc = run(*args, "--sizes", "0,2")
+    assert proc.returncode == 0, proc.stderr
+    # The original is sampled once for all sizes; then the cleaned model and the control per size.
+    assert len(calls) == 1 + 2 + 2
+    c = json.loads(out.read_text())
+    rows = c["sizes"]
+    assert [r["neurons"] for r in rows] == [0, 2, 4] and c["plan_neurons"] == 4 and c["reference_prompts"] == 2
+    assert c["reference_sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
+    assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
+    assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
+    assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
+    assert not (tmp_path / "curve.json.work").exists()
+    # Sampling the original anew for each size measures the same.
+    from nemo_surgery.corpus import evenly_spaced, read_corpus
+    from nemo_surgery.generation import GenSettings
+    from nemo_surgery.model import load_model
+    from nemo_surgery.plan import Plan
+
+    fresh = verify.removal_curve(*(load_model(tiny_model) for _ in range(2)), Plan.load(plan), [0, 2, 4],
+                                 read_corpus(corpus).prompts,
+                                 [p.text for p in evenly_spaced(list(read_corpus(ref).prompts), 2)],
+                                 GenSettings(steps=2, seeds=(0, 1)))
+    assert fresh["sizes"] == rows
+    # Interrupted while sampling the second size, it resumes there: the first size and the
+    # original are not sampled again.
     out.unlink()
-    with mock.patch.object(verify, "generate", functools.partial(generate, stop_at=4)):
+    calls.clear()
+    with mock.patch.object(verify, "generate", functools.partial(generate, stop_at=3)):
         assert run(*args, "--sizes", "0,2").returncode == 130 and not out.exists()
     calls.clear()
     with mock.patch.object(verify, "generate", generate):
         again = run(*args, "--sizes", "0,2")
-    assert again.returncode == 0 and len(calls) == 3 + 3  # before, after and control for sizes 2 and 4
+    assert again.returncode == 0 and len(calls) == 2 + 2  # the cleaned model and the control for sizes 2 and 4
     assert "curve, 0 neurons: resuming: 1 of 1 chunks" in again.stderr and json.loads(out.read_text()) == c
     assert_clean_error(run(*args, "--sizes", "2,x"), "--sizes", "whole numbers")
     corpus.write_text("caption\na red fox\n")

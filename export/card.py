@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text_atomic
-from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float, flatten, fmt,
-                      neurons_of, pct, releasable_text, removal_text, section, verification_rows)
+from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float, detection_rows,
+                      flatten, fmt, neurons_of, pct, releasable_text, removal_text, section, verification_rows)
 
 TAGS = ("stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal")
 MAX_INDICES_SHOWN = 32  # per layer in the card; plan.json has them all
@@ -97,9 +97,9 @@ def _what_was_removed(info: ReleaseInfo) -> list[str]:
 def _corpus(info: ReleaseInfo) -> list[str]:
     c = info.corpus()
     lines = ["## Corpus", ""]
-    lines += _table(["", ""], [["sha256", str(c.get("sha256") or "n/a")],
-                               ["prompts", c.get("prompts")],
-                               ["memorized (detected)", c.get("memorized")]])
+    rows = [["sha256", str(c.get("sha256") or "n/a")], ["prompts", c.get("prompts")],
+            ["memorized (detected)", c.get("memorized")]]
+    lines += _table(["", ""], rows + detection_rows(info.verify))
     mem = info.memorized_results()
     if info.include_prompts and mem:
         lines += ["Memorized prompts (captions included at the publisher's request):", ""]

@@ -248,6 +248,17 @@ def preservation_text(pr: dict) -> str:
             f"{fmt(pr.get('changed'))} / {fmt(pr.get('prompts'))} changed beyond seed noise")
 
 
+def detection_rows(verify: dict) -> list[list[Any]]:
+    """The detection figures of a bundle (card and report), where it recorded them."""
+    det = section(verify, "detection")
+    if det.get("auroc_against_reference") is None:
+        return []
+    return [["detection AUROC against the reference prompts (corpus prompts as candidates)",
+             det["auroc_against_reference"]],
+            ["reference prompts above theta_mem (false positives at the bar)",
+             f"{det.get('reference_above_theta_mem')} of {det.get('reference_prompts')}"]]
+
+
 def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
     """(check, result) rows shared by the card and the report, from whatever verify holds."""
     v = info.verify

@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from ..files import write_text_atomic
-from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, flatten, floats, fmt,
-                      neurons_of, pct, releasable_text, removal_text, section, short_layer, verification_rows)
+from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, detection_rows, flatten,
+                      floats, fmt, neurons_of, pct, releasable_text, removal_text, section, short_layer,
+                      verification_rows)
 
 MIN_IMAGE_PX = 128  # small generations are enlarged (nearest neighbour) to at least this size
 CHART_W = 640
@@ -271,6 +272,7 @@ def _summary(info: ReleaseInfo) -> str:
     if mem:
         rows.append(["memorized prompts mitigated", f"{fmt(mem.get('mitigated'))} / {fmt(mem.get('prompts'))} "
                                                     f"({pct(mem.get('share'))})"])
+    rows += detection_rows(info.verify)
     return (f'<p>Releasable: <span class="badge {cls}">{_e(releasable_text(info.verify))}</span></p>'
             + _table(["", ""], rows))
 

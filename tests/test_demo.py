@@ -51,6 +51,11 @@ def test_detection_on_demo(bundle):
     ref_scores = verify["reference"]["scores_before"]
     mem_scores = [r["score"] for r in recs if r["memorized"] or r["type"] in ("VM", "TM")]
     assert auroc(mem_scores, ref_scores) >= 0.95
+    # What the bundle itself reports: against all 100 reference prompts calibration scored.
+    det = verify["detection"]
+    assert det["reference_prompts"] == 100 and det["auroc_against_reference"] >= 0.95
+    assert det["by_type"]["VM"]["memorized"] == det["by_type"]["VM"]["prompts"] == len(vm)
+    assert det["false_positive_share"] < 0.2
 
 
 def test_plan_verification_and_model_loads(bundle):

@@ -182,7 +182,9 @@ def _info(**over) -> ReleaseInfo:
                                "ssim_to_original": {"mean": 0.91, "median": 0.93, "min": 0.72}, "seed_to_seed": 0.31,
                                "changed": 0, "random_control": {"ssim_to_original": {"mean": 0.88}, "changed": 0,
                                                                 "neurons": 3, "seed": 0}},
-              "onnx": {"part": "UNet", "path": "onnx/unet/model.onnx", "max_abs_diff": 3e-7, "bytes": 10}}
+              "onnx": {"part": "UNet", "path": "onnx/unet/model.onnx", "max_abs_diff": 3e-7, "bytes": 10},
+              "detection": {"prompts": 3, "memorized": 2, "auroc_against_reference": 0.987, "reference_prompts": 50,
+                            "reference_above_theta_mem": 4}}
     images = [("p1 (VM)", rng.random((2, 64, 64, 3)), rng.random((2, 64, 64, 3)))]
     kw = dict(model_name="tiny-sd", base_model="org/tiny-sd-base", license="creativeml-openrail-m",
               tool_version="0.1.0", model_fingerprint="f" * 64, plan=plan, plan_sha256="a" * 64,
@@ -209,6 +211,8 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "2406.02366" in text and "Hintersdorf" in text and "NeurIPS 2024" in text
     assert f"| {LAYER_A} | 2 | 8 | 0, 3 |" in text and "| **total** | 3 |" in text
     assert "c" * 64 in text and "a" * 64 in text and "f" * 64 in text
+    assert "| detection AUROC against the reference prompts (corpus prompts as candidates) | 0.987 |" in text
+    assert "| reference prompts above theta_mem (false positives at the bar) | 4 of 50 |" in text
     assert "10, 11, 12, 13" in text  # seeds derived from the score settings
     assert "2 / 2 (100.0%)" in text and "1 / 4 (25.0%)" in text
     assert "1 before, 0 after" in text and "random neurons zeroed in the same layers (3, seed 0) reproduces 1" in text
@@ -294,6 +298,8 @@ def test_report_self_contained(tmp_path: Path) -> None:
     img = Image.open(io.BytesIO(base64.b64decode(uris[0])))
     assert img.format == "PNG" and img.size == (128, 128)  # 64 px enlarged x2, nearest neighbour
     assert "theta_mem = 0.42" in text and "stroke-dasharray" in text
+    assert "<td>detection AUROC against the reference prompts (corpus prompts as candidates)</td>" in text
+    assert "<td>4 of 50</td>" in text
     assert "same layers (control, seed 0): 1." in text
     assert "within SSIM 0.6 of its VAE reconstruction in more than half of the seeds): 1 before, 0 after; " \
            "control: 0." in text

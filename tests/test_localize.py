@@ -194,6 +194,27 @@ def test_fused_attention_traces_as_diffusers_and_falls_back(tiny, tmp_path, monk
         runner.close()
 
 
+def test_detection_summary_and_auroc():
+    """The paper's detection figure: AUROC of the corpus's scores against the reference prompts',
+    ties counted half, with the false positives at theta_mem; checked against a pair-by-pair count."""
+    from nemo_surgery.localize.detect import auroc, detection_summary, detection_text
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.random(40).round(2) + 0.3, rng.random(70).round(2)
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(list(pos), list(neg)) == pytest.approx(pairs, abs=1e-12) and 0.5 < pairs < 1
+    assert auroc([0.9], [0.1, 0.2]) == 1.0 and auroc([0.2], [0.2]) == 0.5 and auroc([], [0.1]) is None
+    recs = [{"score": 0.7, "type": "VM", "memorized": True}, {"score": 0.5, "type": "TM", "memorized": True},
+            {"score": 0.15, "type": "TM", "memorized": False}]
+    d = detection_summary(recs, [0.1, 0.2, 0.3, 0.12], theta_mem=0.25)
+    assert d["memorized"] == 2 and d["by_type"] == {"TM": {"prompts": 2, "memorized": 1}, "VM": {"prompts": 1,
+                                                                                             "memorized": 1}}
+    assert d["reference_above_theta_mem"] == 1 and d["false_positive_share"] == 0.25
+    assert d["auroc_against_reference"] == pytest.approx((4 + 4 + 2) / 12, abs=1e-6)
+    assert detection_text(d) == ("2 of 3 prompts memorized (TM 1/2, VM 1/1); AUROC 0.833 against 4 reference "
+                                 "prompts, 1 of them (25%) above theta_mem 0.2500")
+
+
 def test_calibration_resumes_its_scoring(tiny, tmp_path):
     """Scoring the reference prompts is calibration's long part: interrupted, it resumes from the
     scores already kept, and gives what an uninterrupted calibration gives."""

@@ -27,6 +27,7 @@ from .errors import NemoError
 from .generation import GenSettings
 from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
 from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
+from .localize.detect import detection_summary, detection_text
 from .localize.distributed import RaySettings, ray_stream
 from .localize.runner import records_digest, run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
@@ -134,8 +135,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
               if opts.ray else None)
     records = run_corpus(engine, corpus, results_path, restart=opts.restart, log=log, worker=worker)
     mem = [r for r in records if r["memorized"]]
-    stage("localize", f"{len(mem)} of {len(records)} prompts memorized; "
-          f"{sum(r.get('mitigated', False) for r in mem)} mitigated by their own set")
+    detection = detection_summary(records, engine.calibration.reference_scores, engine.calibration.theta_mem)
+    stage("localize", f"{detection_text(detection)}; {sum(r.get('mitigated', False) for r in mem)} mitigated by "
+          f"their own set")
 
     plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
                        lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json"))
@@ -179,6 +181,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         elif opts.harden is not None:
             log("== harden: skipped (needs the audit and memorized prompts)")
         plan, verify, audit = ev.plan, ev.verify, ev.audit
+        verify["detection"] = detection
         releasable = verify["releasable"]
         if audit is not None:
             write_json_atomic(staged / "audit.json", audit)

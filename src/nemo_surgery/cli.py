@@ -300,6 +300,7 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
            theta_mem, runtime):
     """Memorization score of every prompt (seed consistency of the first denoising step)."""
     from .corpus import read_corpus
+    from .localize.detect import detection_summary, detection_text
     from .localize.runner import run_corpus
 
     check_apart(out, model=model, corpus=corpus, reference_prompts=reference)
@@ -307,8 +308,8 @@ def detect(model, corpus, out, restart, allow_outside_images, reference, seeds, 
     eng = _engine(model, reference, runtime, seeds, timestep_index,
                   calibration_prompts, cache_dir, theta_mem)
     recs = run_corpus(eng, c, out, localize=False, restart=restart, log=log)
-    mem = sum(r["memorized"] for r in recs)
-    log(f"done: {mem} of {len(recs)} prompts memorized (theta_mem {eng.calibration.theta_mem:.4f}); {out}")
+    log(f"done: {detection_text(detection_summary(recs, eng.calibration.reference_scores, eng.calibration.theta_mem))}"
+        f"; {out}")
 
 
 @cli.command()

@@ -294,6 +294,8 @@ def test_defaults_reference_and_file_names(tmp_path, tiny_model, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(x)["id"] for x in (tmp_path / "detections.jsonl").read_text().splitlines()[1:]] == ["1"]
     assert "reference: none given; calibrating on the 500 generic captions bundled" in proc.stderr
+    # It ends with the detection figures, against the 4 reference prompts calibration scored.
+    assert "; AUROC " in proc.stderr and " against 4 reference prompts, " in proc.stderr
     (cal,) = (tmp_path / "c").glob("calibration/*/calibration.json")
     meta = json.loads(cal.read_text())
     assert meta["n_reference"] == 500

@@ -26,8 +26,8 @@ from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
 from .generation import GenSettings
 from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
-from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.detect import detection_summary, detection_text
+from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.distributed import RaySettings, ray_stream
 from .localize.runner import records_digest, run_corpus
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings

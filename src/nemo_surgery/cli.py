@@ -332,16 +332,19 @@ def localize(model, corpus, out, restart, allow_outside_images, ray_address, wor
                   search)
     recs = run_corpus(eng, c, out, localize=True, restart=restart, log=log,
                       worker=_ray_worker(eng, model, ray_address, workers, cache_dir))
-    summarize_localization(recs)
+    summarize_localization(recs, eng)
 
 
-def summarize_localization(recs: list[dict]) -> None:
+def summarize_localization(recs: list[dict], eng) -> None:
+    from .localize.detect import detection_summary, detection_text
+
     mem = [r for r in recs if r["memorized"]]
     mit = sum(r.get("mitigated", False) for r in mem)
     sizes = sorted(r.get("refined_neurons", 0) for r in mem)
     med = sizes[len(sizes) // 2] if sizes else 0
     secs = sum(r["seconds"] for r in recs)
-    log(f"done: {len(mem)} of {len(recs)} prompts memorized; {mit} mitigated by their own set; "
+    detection = detection_summary(recs, eng.calibration.reference_scores, eng.calibration.theta_mem)
+    log(f"done: {detection_text(detection)}; {mit} mitigated by their own set; "
         f"neurons per prompt median {med} (min {sizes[0] if sizes else 0}, max {sizes[-1] if sizes else 0}); "
         f"{secs:.1f} s")
 

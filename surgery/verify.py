@@ -327,7 +327,10 @@ def _original_images(original: Model, texts: list[str], settings: GenSettings, f
                                        "texts": texts}).encode())
     path = Path(folder) / f"original-{key[:24]}.safetensors"
     if path.is_file():
-        return load_file(str(path))["images"]
+        try:
+            return load_file(str(path))["images"]
+        except Exception:  # noqa: BLE001 - a damaged copy is sampled again, as if it were not there
+            pass
     images = generate(original, texts, settings)
     with atomic_path(path) as tmp:
         save_file({"images": np.ascontiguousarray(images)}, str(tmp))

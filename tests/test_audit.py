@@ -253,6 +253,28 @@ def test_verification_sampling_resumes_from_its_journal(models, tmp_path, monkey
     assert calls == [] and reordered[0] == first_order[0] == run(neurons={b: [2], a: [1]})[0]
 
 
+def test_original_images_are_kept_and_reused(models, tmp_path, monkeypatch) -> None:
+    """`curve` measures many plans against one original: its images are sampled once, kept bit for
+    bit, and sampled again only for other prompts or settings, or where the kept copy is damaged."""
+    import nemo_surgery.surgery.verify as verify
+
+    original = models[0]
+    calls, real = [], verify.generate
+    monkeypatch.setattr(verify, "generate", lambda m, t, s: calls.append(t) or real(m, t, s))
+    gs = GenSettings(steps=2, seeds=(0, 1))
+    first = verify._original_images(original, ["a red fox"], gs, tmp_path)
+    again = verify._original_images(original, ["a red fox"], gs, tmp_path)
+    assert len(calls) == 1 and np.array_equal(first, again) and again.dtype == first.dtype
+    verify._original_images(original, ["a red fox"], GenSettings(steps=3, seeds=(0, 1)), tmp_path)
+    verify._original_images(original, ["a blue boat"], gs, tmp_path)
+    assert len(calls) == 3
+    kept = sorted(tmp_path.glob("original-*.safetensors"))
+    assert len(kept) == 3
+    for f in kept:
+        f.write_bytes(f.read_bytes()[:40])
+    assert np.array_equal(verify._original_images(original, ["a red fox"], gs, tmp_path), first) and len(calls) == 4
+
+
 def test_image_size_need_not_be_a_multiple_of_8(tmp_path) -> None:
     """A model trained elsewhere may pair 10 px latents with a VAE that doubles them: diffusers'
     pipeline refuses 20 px, but sampling passes latents of the model's own size and works."""

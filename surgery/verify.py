@@ -251,13 +251,15 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     for start in range(0, len(items), CHUNK_PROMPTS):
         chunk = items[start:start + CHUNK_PROMPTS]
         key = f"chunk:{start}"
+        reused = False
         if key in done:
             rec, images = done[key], _load_chunk_images(journal, start)
         else:
             if near is None:
                 near = Gallery({p.id: load_image(p.image, size) for p in with_img})
+            before, reused = _original_images(original, [t for _, t in chunk], settings, originals)
             rec, images = _sample_chunk(original, cleaned, chunk, key, settings, rand, near, size, shown, keep,
-                                        len(ref_grid), originals)
+                                        len(ref_grid), before)
             if journal is not None:
                 # the images first: a chunk on record always has its pictures
                 _save_chunk_images(journal, start, images)
@@ -271,21 +273,22 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
         log(f"{stage}: sampled {start + len(chunk)}/{len(items)} prompts ({len(with_img)} memorized, "
             f"{len(reference)} reference) x {len(settings.seeds)} seeds on the original, the cleaned model"
             f"{' and with as many random neurons' if rand is not None else ''} ({time.perf_counter() - t0:.1f} s)"
-            + (" (from the journal)" if key in done else ""))
+            + (" (from the journal)" if key in done else "")
+            + (" (the original's images kept from an earlier run)" if reused else ""))
     control_of = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed} if neurons else None
     return _generation_summary(rows, kept_rows, settings, control_of, pictured=len(grid)), grid + ref_grid, samples
 
 
 def _sample_chunk(original: Model, cleaned: Model, chunk: list[tuple[Prompt | None, str]], key: str,
                   settings: GenSettings, rand: dict | None, near: Gallery, size: int, shown: set[str],
-                  keep: set[str] | None, ref_pictured: int, originals: Path | None = None
+                  keep: set[str] | None, ref_pictured: int, before: np.ndarray
                   ) -> tuple[dict, dict[str, np.ndarray]]:
     """Sample one chunk of prompts (memorized ones with their training image, then reference
-    prompts: None) on the original, the cleaned model and the random control, and measure them.
-    Returns the chunk's journal record and its images by name: the pictures for the report
-    (`ref_pictured` reference prompts already pictured) and the samples the audit reuses."""
+    prompts: None) on the cleaned model and the random control, and measure them against the
+    original's images `before`. Returns the chunk's journal record and its images by name: the
+    pictures for the report (`ref_pictured` reference prompts already pictured) and the samples
+    the audit reuses."""
     texts = [t for _, t in chunk]
-    before = _original_images(original, texts, settings, originals)
     after = before if cleaned is original else generate(cleaned, texts, settings)
     control = None
     if rand is not None:
@@ -315,12 +318,13 @@ def _sample_chunk(original: Model, cleaned: Model, chunk: list[tuple[Prompt | No
     return rec, images
 
 
-def _original_images(original: Model, texts: list[str], settings: GenSettings, folder: Path | None) -> np.ndarray:
+def _original_images(original: Model, texts: list[str], settings: GenSettings, folder: Path | None
+                     ) -> tuple[np.ndarray, bool]:
     """The original's images of `texts`, sampled, or read from `folder` where an earlier call
     sampled the same prompts with the same model and settings (sampling is deterministic, so a
-    kept copy is what sampling again would give, bit for bit)."""
+    kept copy is what sampling again would give, bit for bit); and whether they were read."""
     if folder is None:
-        return generate(original, texts, settings)
+        return generate(original, texts, settings), False
     from safetensors.numpy import load_file, save_file
 
     key = sha256_bytes(canonical_json({"model": original.fingerprint, "sampling": asdict(settings),
@@ -328,13 +332,13 @@ def _original_images(original: Model, texts: list[str], settings: GenSettings, f
     path = Path(folder) / f"original-{key[:24]}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["images"]
+            return load_file(str(path))["images"], True
         except Exception:  # noqa: BLE001 - a damaged copy is sampled again, as if it were not there
             pass
     images = generate(original, texts, settings)
     with atomic_path(path) as tmp:
         save_file({"images": np.ascontiguousarray(images)}, str(tmp))
-    return images
+    return images, False
 
 
 def _generation_summary(rows: list[dict], kept_rows: list[dict], settings: GenSettings, control_of: dict | None,

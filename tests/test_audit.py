@@ -262,9 +262,10 @@ def test_original_images_are_kept_and_reused(models, tmp_path, monkeypatch) -> N
     calls, real = [], verify.generate
     monkeypatch.setattr(verify, "generate", lambda m, t, s: calls.append(t) or real(m, t, s))
     gs = GenSettings(steps=2, seeds=(0, 1))
-    first = verify._original_images(original, ["a red fox"], gs, tmp_path)
-    again = verify._original_images(original, ["a red fox"], gs, tmp_path)
+    first, was_kept = verify._original_images(original, ["a red fox"], gs, tmp_path)
+    again, kept_now = verify._original_images(original, ["a red fox"], gs, tmp_path)
     assert len(calls) == 1 and np.array_equal(first, again) and again.dtype == first.dtype
+    assert not was_kept and kept_now
     verify._original_images(original, ["a red fox"], GenSettings(steps=3, seeds=(0, 1)), tmp_path)
     verify._original_images(original, ["a blue boat"], gs, tmp_path)
     assert len(calls) == 3
@@ -272,7 +273,8 @@ def test_original_images_are_kept_and_reused(models, tmp_path, monkeypatch) -> N
     assert len(kept) == 3
     for f in kept:
         f.write_bytes(f.read_bytes()[:40])
-    assert np.array_equal(verify._original_images(original, ["a red fox"], gs, tmp_path), first) and len(calls) == 4
+    resampled, from_disk = verify._original_images(original, ["a red fox"], gs, tmp_path)
+    assert np.array_equal(resampled, first) and not from_disk and len(calls) == 4
 
 
 def test_image_size_need_not_be_a_multiple_of_8(tmp_path) -> None:

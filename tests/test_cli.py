@@ -344,6 +344,7 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
     assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
     assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
+    assert "curve, 4 neurons: sampled 4/4 prompts" in proc.stderr and "kept from an earlier run" in proc.stderr
     assert not (tmp_path / "curve.json.work").exists()
     # Sampling the original anew for each size measures the same.
     from nemo_surgery.corpus import evenly_spaced, read_corpus

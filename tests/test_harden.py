@@ -85,6 +85,8 @@ def test_build_with_harden_on_demo(tmp_path):
     assert h["kept_round"] == (1 if r1["mean_rate"] < rounds[0]["mean_rate"] and r1["reference_drift"] <= 0.1
                                else 0)
     assert "harden (round 1)" in proc.stderr and "audit (round 1)" in proc.stderr
+    # Round 1 measures against the original's images round 0 sampled.
+    assert "(the original's images kept from an earlier run)" in proc.stderr.split("harden (round 1)")[1]
     assert all(0 < r["reference_ssim"] <= 1 for r in rounds)
     card = (out / "README.md").read_text()
     assert "### Hardening" in card and h["stopped"] in card

@@ -231,7 +231,9 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     keep = {p.id for p in audited(mem_prompts, opts.audit)} if reuse else set()
     gen, grid, samples = generation_measures(model, cleaned, mem_prompts, opts.sampling, as_neurons(plan),
                                              reference=evenly_spaced(ref_prompts, opts.verify_reference_images),
-                                             keep=keep, log=log, journal=work / f"verify{suffix}.jsonl")
+                                             keep=keep, log=log, journal=work / f"verify{suffix}.jsonl",
+                                             # hardening's rounds all measure against the same original
+                                             originals=work / "originals" if opts.harden is not None else None)
     kept = gen.pop("preservation", None)
     # Releasable only if the score says memorization is gone AND, where training images are
     # known, full sampling no longer reproduces them: the first-step score alone can be fooled.

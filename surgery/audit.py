@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ import torch
 from .. import __version__
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
-from ..files import append_jsonl, atomic_path
+from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, write_json_atomic
 from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, generate_embeddings, image_size,
                           load_image, nearest_share, ssim)
 from ..localize.runner import make_header, open_results
@@ -203,18 +204,22 @@ def _cell(images: np.ndarray, target: Target, candidates: Gallery, extra: dict |
 
 def audit_target(original: Model, cleaned: Model, target: Target, candidates: Gallery,
                  settings: AuditSettings, scorers: dict[str, Scorer] | None = None,
-                 theta_mem: float | None = None, known: dict[str, np.ndarray] | None = None
+                 theta_mem: float | None = None, known: dict[str, np.ndarray] | None = None,
+                 original_cells: dict | None = None
                  ) -> tuple[dict, dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """One target's record, its generations per condition, and the attacked embeddings on the
     cleaned model per budget (T, D). `known` may hold the unperturbed prompt's generations per
     model ("original", "cleaned") with the same seeds and sampling, already made by
-    verification: they are not drawn again."""
+    verification: they are not drawn again. `original_cells`: a memorized target's cells on the
+    original ({"unperturbed": cell, "budgets": {budget: cell}}) from an earlier audit of the same
+    original, target and settings: the original is then not attacked again."""
     t0 = time.perf_counter()
     seed = _seed(settings, target.id)
     emb, uncond = encode(original, [target.prompt])
     z0 = latents_of(original, target.image)
-    models = {"cleaned": cleaned} if target.role == "control" else {"cleaned": cleaned, "original": original}
-    known = known or {}
+    kept = original_cells if target.role == "memorized" else None
+    models = {"cleaned": cleaned} if target.role == "control" or kept else {"cleaned": cleaned, "original": original}
+    known = {n: v for n, v in (known or {}).items() if n in models}
     embs: dict[str, list[torch.Tensor]] = {m: [] if target.role == "control" or m in known else [emb[0]]
                                            for m in models}
     losses: dict[str, list] = {m: [] for m in models}
@@ -250,18 +255,43 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: Ga
     if off:
         rec["unperturbed"] = {name: _cell(imgs[name][0], target, candidates, score(name, embs[name][0]))
                               for name in models}
+        if kept:
+            rec["unperturbed"]["original"] = kept["unperturbed"]
     for k, b in enumerate(settings.budgets):
         row = {}
         for name in models:
             row[name] = _cell(imgs[name][off + k], target, candidates,
                               {"loss_start": losses[name][k][0], "loss_end": losses[name][k][1]}
                               | score(name, embs[name][off + k]))
+        if kept:
+            row["original"] = kept["budgets"][str(b)]
         if "random" in imgs:
             row["random"] = _cell(imgs["random"][k], target, candidates)
         rec["budgets"][str(b)] = row
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     adversarial = {str(b): embs["cleaned"][off + k] for k, b in enumerate(settings.budgets)}
     return rec, {name: imgs[name] for name in imgs}, adversarial
+
+
+def _digest(value: object) -> str:
+    """sha256 of an array's bytes (with its shape and dtype) or of a JSON-able value."""
+    if isinstance(value, np.ndarray):
+        h = hashlib.sha256(f"{value.shape}{value.dtype}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+        return h.hexdigest()
+    return sha256_bytes(canonical_json(value).encode())
+
+
+def _read_cells(path: Path | None) -> dict | None:
+    """A target's kept cells on the original; None where there are none or they are damaged (they
+    are then computed again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        cells = json.loads(path.read_text())
+        return cells if isinstance(cells, dict) and {"unperturbed", "budgets"} <= set(cells) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _keyed_file(folder: Path, target_id: str, suffix: str) -> Path:
@@ -323,12 +353,14 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
               control_images: Path | None = None, restart: bool = False,
               known: dict[str, dict[str, np.ndarray]] | None = None, corpus_sha256: str | None = None,
               adversarial: Path | None = None, pictures: Path | None = None,
-              log: Callable[[str], None] = lambda s: None) -> tuple[dict, list]:
+              originals: Path | None = None, log: Callable[[str], None] = lambda s: None) -> tuple[dict, list]:
     """Audit every memorized prompt (or an evenly spaced subset) and the never-trained controls;
     one JSONL record per target appended as it finishes. `known`: unperturbed generations per
     target id, as `audit_target` takes them. `adversarial`: a folder where each memorized
     target's attacked embeddings on the cleaned model are kept (hardening localizes them).
     `pictures`: a folder for the report's example images, kept so that a resumed audit has them.
+    `originals`: a folder where each memorized target's cells on the original are kept, so that
+    another audit of the same original (hardening's next round) does not attack it again.
     Returns (audit.json content, example images (label, unperturbed, attacked) for the report,
     empty without `pictures`)."""
     t0 = time.time()
@@ -343,6 +375,10 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     size = image_size(original)
     candidates = {t.id: t.image for t in targets}
     candidates |= {p.id: load_image(p.image, size) for p in memorized if p.image is not None and p.id not in candidates}
+    # What a target's cells on the original depend on besides the target itself.
+    original_inputs = {"original": original.fingerprint, "settings": settings.to_dict(), "theta_mem": theta_mem,
+                       "scorer": scorers["original"].settings.to_dict() if scorers and "original" in scorers else None,
+                       "candidates": {k: _digest(v) for k, v in sorted(candidates.items())}}
     candidates = Gallery(candidates)  # compared as thumbnails: made once, not per query
     config = {"mode": "audit", "original": original.fingerprint, "cleaned": cleaned.fingerprint,
               "targets": [[t.id, t.prompt, t.source] for t in targets], "candidates": sorted(candidates),
@@ -355,8 +391,16 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     for t in targets:
         if t.id in done:
             continue
+        kept_file = None
+        if originals is not None and t.role == "memorized":
+            key = _digest(original_inputs | {"target": [t.id, t.prompt, t.source], "image": _digest(t.image)})
+            kept_file = Path(originals) / f"original-{key[:24]}.json"
+        kept = _read_cells(kept_file)
         rec, imgs, adv = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem,
-                                      (known or {}).get(t.id))
+                                      (known or {}).get(t.id), kept)
+        if kept_file is not None and kept is None:
+            write_json_atomic(kept_file, {"unperturbed": rec["unperturbed"]["original"],
+                                          "budgets": {b: row["original"] for b, row in rec["budgets"].items()}})
         if adversarial is not None and t.role == "memorized":
             save_adversarial(adversarial, t.id, adv)  # before the record: a resumed target has both
         if t.id in shown:
@@ -364,7 +408,8 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
                 np.save(f, np.concatenate([x[:1] for x in imgs["cleaned"]]))  # unperturbed, then per budget
         append_jsonl(results, rec)
         done[t.id] = rec
-        log(describe(rec, len(done), len(targets)))
+        log(describe(rec, len(done), len(targets)) + (" (the original's attacks kept from an earlier run)" if kept
+                                                       else ""))
     label = f"unperturbed / attacked at {', '.join(f'{b:g}' for b in settings.budgets)}"
     examples = []
     for tid in shown:

@@ -108,6 +108,31 @@ def test_run_audit_records_resumes_and_repeats(models) -> None:
                   dataclasses.replace(SETTINGS, steps=5))
 
 
+def test_a_later_audit_reuses_the_originals_attacks(models, tmp_path, monkeypatch) -> None:
+    """Hardening audits the same original every round: its attacks are kept and read back, giving
+    the records a fresh audit gives; a damaged copy is attacked again."""
+    import nemo_surgery.surgery.audit as audit_mod
+
+    original, cleaned, _, _ = models
+    on_original, real = [], audit_mod.attack
+    monkeypatch.setattr(audit_mod, "attack", lambda m, *a, **k: (on_original.append(1) if m is original else None)
+                        or real(m, *a, **k))
+    kept = tmp_path / "originals"
+    args = (original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3)
+    run_audit(*args, tmp_path / "a.jsonl", SETTINGS, originals=kept)
+    assert len(on_original) == 2 and len(list(kept.glob("original-*.json"))) == 2
+    on_original.clear()
+    lines: list[str] = []
+    run_audit(*args, tmp_path / "b.jsonl", SETTINGS, originals=kept, log=lines.append)
+    assert on_original == [] and sum("original's attacks kept" in x for x in lines) == 2
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(tmp_path / "a.jsonl")[1:]]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(tmp_path / "b.jsonl")[1:]] == strip
+    for f in kept.glob("original-*.json"):
+        f.write_text("{not json")
+    run_audit(*args, tmp_path / "c.jsonl", SETTINGS, originals=kept)
+    assert len(on_original) == 2
+
+
 def test_run_audit_refuses_a_model_that_is_not_a_cleaned_copy(models, tmp_path) -> None:
     original, _, _, _ = models
     from tiny import tiny_unet

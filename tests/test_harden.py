@@ -86,7 +86,10 @@ def test_build_with_harden_on_demo(tmp_path):
                                else 0)
     assert "harden (round 1)" in proc.stderr and "audit (round 1)" in proc.stderr
     # Round 1 measures against the original's images round 0 sampled.
-    assert "(the original's images kept from an earlier run)" in proc.stderr.split("harden (round 1)")[1]
+    round_1 = proc.stderr.split("harden (round 1)")[1]
+    assert "(the original's images kept from an earlier run)" in round_1
+    # ... and its audit reads the original's attacks round 0 made, instead of attacking it again.
+    assert "(the original's attacks kept from an earlier run)" in round_1
     assert all(0 < r["reference_ssim"] <= 1 for r in rounds)
     card = (out / "README.md").read_text()
     assert "### Hardening" in card and h["stopped"] in card

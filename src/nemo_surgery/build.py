@@ -271,7 +271,8 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
                 control_images=opts.control_images, restart=opts.restart,
                 known=samples if reuse else None,
                 corpus_sha256=corpus.sha256, adversarial=adversarial if opts.harden else None,
-                pictures=work / f"audit{suffix}.examples", log=log)
+                pictures=work / f"audit{suffix}.examples",
+                originals=work / "audit-original" if opts.harden is not None else None, log=log)
         finally:
             clean_scorer.close()
         top = str(opts.audit.budgets[-1])

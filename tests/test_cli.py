@@ -211,6 +211,28 @@ def test_build_refuses_a_checkpoint_it_could_not_edit_before_any_work(tmp_path, 
     assert "calibrat" not in proc.stderr + proc.stdout and not (tmp_path / "cache").exists()
 
 
+def test_build_restart_discards_the_earlier_runs_work(tmp_path, tiny_model):
+    """`--restart` starts over: every journal of the earlier run in DIR.work goes (some key on the
+    model's fingerprint only), the cache stays. Without it they are kept for resuming."""
+    import shutil
+
+    m = tmp_path / "two_sets"  # refused after the work folder is prepared: the test needs no full build
+    shutil.copytree(tiny_model, m)
+    shutil.copy(m / "unet" / "diffusion_pytorch_model.safetensors", m / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a red circle\na blue square\n")
+    work = tmp_path / "o.work"
+    (work / "cache").mkdir(parents=True)
+    (work / "cache" / "kept").write_text("x")
+    (work / "verify-images").mkdir()
+    (work / "verify.jsonl").write_text("{}\n")
+    args = ["build", "--model", str(m), "--corpus", str(ref), "--reference", str(ref), "--out", str(tmp_path / "o")]
+    assert_clean_error(run(*args), "more than one UNet weight file")
+    assert sorted(p.name for p in work.iterdir()) == ["cache", "verify-images", "verify.jsonl"]
+    assert_clean_error(run(*args, "--restart"), "more than one UNet weight file")
+    assert [p.name for p in work.iterdir()] == ["cache"] and (work / "cache" / "kept").exists()
+
+
 def test_bad_flags_end_in_one_line():
     assert_clean_error(run("build", "--seeds", "x"), "nemo-surgery build", "--seeds")
     assert_clean_error(run("build"), "Missing option '--model'")

@@ -105,6 +105,17 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         raise NemoError(f"{work.parent}: output location is not writable")
     clean_stale_tmp(work)
     clean_stale_tmp(out.parent)
+    if opts.restart:
+        # Start over: every journal of the earlier run goes. Some key on the model's fingerprint,
+        # which a model differing only outside the value layers shares; the cache (calibration,
+        # ONNX exports) keys on every weight and stays.
+        for entry in work.iterdir():
+            if entry.name == "cache":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     rows: list[tuple[str, str, str]] = []
     t = time.perf_counter()
 

@@ -595,7 +595,8 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @click.option("--license", "license_", default=None, help="License for the card's front matter.")
 @click.option("--base-model", default=None, help="Hub id of the base model, for the card.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--restart", is_flag=True, help="Discard earlier per-prompt results.")
+@click.option("--restart", is_flag=True, help="Discard the earlier run's work (results, pruning, verification and audit "
+                                             "journals) and start over; the cache stays.")
 @click.option("--audit/--no-audit", default=True, show_default=True,
               help="Try to re-trigger the removed memorization with optimized embedding perturbations.")
 @click.option("--model-config", type=click.Path(path_type=Path), default=None,

@@ -375,10 +375,12 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     size = image_size(original)
     candidates = {t.id: t.image for t in targets}
     candidates |= {p.id: load_image(p.image, size) for p in memorized if p.image is not None and p.id not in candidates}
-    # What a target's cells on the original depend on besides the target itself.
-    original_inputs = {"original": original.fingerprint, "settings": settings.to_dict(), "theta_mem": theta_mem,
-                       "scorer": scorers["original"].settings.to_dict() if scorers and "original" in scorers else None,
-                       "candidates": {k: _digest(v) for k, v in sorted(candidates.items())}}
+    # What a target's cells on the original depend on besides the target itself (only where they
+    # are kept: hashing every candidate image is not free on a large corpus).
+    original_inputs = None if originals is None else {
+        "original": original.fingerprint, "settings": settings.to_dict(), "theta_mem": theta_mem,
+        "scorer": scorers["original"].settings.to_dict() if scorers and "original" in scorers else None,
+        "candidates": {k: _digest(v) for k, v in sorted(candidates.items())}}
     candidates = Gallery(candidates)  # compared as thumbnails: made once, not per query
     config = {"mode": "audit", "original": original.fingerprint, "cleaned": cleaned.fingerprint,
               "targets": [[t.id, t.prompt, t.source] for t in targets], "candidates": sorted(candidates),
@@ -392,7 +394,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
         if t.id in done:
             continue
         kept_file = None
-        if originals is not None and t.role == "memorized":
+        if original_inputs is not None and t.role == "memorized":
             key = _digest(original_inputs | {"target": [t.id, t.prompt, t.source], "image": _digest(t.image)})
             kept_file = Path(originals) / f"original-{key[:24]}.json"
         kept = _read_cells(kept_file)

@@ -104,6 +104,17 @@ def open_results(path: Path, header: dict, restart: bool, fmt: str = RESULTS_FOR
     return done
 
 
+def open_journal(path: Path, config: dict, fmt: str) -> tuple[dict[str, dict], bool]:
+    """`open_results` for a journal: a cache of what its config determines, not a result to
+    protect, so one made with another config (or unreadable) is started afresh instead of refused.
+    Returns the records on file and whether the journal was started afresh."""
+    header = make_header(config, fmt)
+    try:
+        return open_results(path, header, restart=False, fmt=fmt), False
+    except NemoError:
+        return open_results(path, header, restart=True, fmt=fmt), True
+
+
 def make_header(config: dict, fmt: str = RESULTS_FORMAT) -> dict:
     return {"kind": "header", "format": fmt, "version": 1, "tool": __version__,
             "config": config, "config_sha256": sha256_bytes(canonical_json(config).encode())}

@@ -26,7 +26,7 @@ from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, sha
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
                           load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim)
 from ..localize.merge import as_layers, most_needed
-from ..localize.runner import Engine, make_header, open_results
+from ..localize.runner import Engine, open_journal
 from ..localize.score import Scorer
 from ..model import Model, random_rows, zeroed_rows
 from ..plan import Plan
@@ -514,14 +514,12 @@ JOURNAL_FORMAT = "nemo-surgery-verify-sampling"
 
 
 def _open_journal(path: Path, config: dict) -> dict[str, dict]:
-    """The chunks already on record for the same inputs; other inputs start the journal afresh
-    (it is a cache of what they determine, not a result to protect)."""
-    header = make_header(config, JOURNAL_FORMAT)
-    try:
-        return open_results(path, header, restart=False, fmt=JOURNAL_FORMAT)
-    except NemoError:
+    """The chunks already on record for the same inputs; a journal of other inputs starts afresh,
+    its chunks' images with it."""
+    done, fresh = open_journal(path, config, JOURNAL_FORMAT)
+    if fresh:
         shutil.rmtree(_images_dir(path), ignore_errors=True)
-        return open_results(path, header, restart=True, fmt=JOURNAL_FORMAT)
+    return done
 
 
 def _images_dir(journal: Path) -> Path:

@@ -14,7 +14,7 @@ from .corpus import read_corpus
 from .errors import NemoError
 from .files import append_jsonl
 from .localize.calibrate import Calibration, cache_key, calibrate, calibration_settings
-from .localize.runner import Engine, make_header, open_results
+from .localize.runner import Engine, open_journal
 from .localize.score import PRECISIONS, Scorer
 from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import Model, load_model, select_layers, unet_digest
@@ -82,12 +82,8 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
     # with the defaults that is 256 prompts x 10 seeds = 2,560 UNet samples, about 3 hours for a
     # full-size SD 1.5 UNet on 2 CPU cores (4.2 s a sample).
     journal = folder.with_name(f"{key}.scores.jsonl")
-    header = make_header({"key": key, "model": model.fingerprint, "reference_sha256": ref.sha256,
-                          "settings": settings}, CALIBRATION_JOURNAL_FORMAT)
-    try:
-        done = open_results(journal, header, restart=False, fmt=CALIBRATION_JOURNAL_FORMAT)
-    except NemoError:  # a cache of what this key determines, not a result to protect
-        done = open_results(journal, header, restart=True, fmt=CALIBRATION_JOURNAL_FORMAT)
+    done, _ = open_journal(journal, {"key": key, "model": model.fingerprint, "reference_sha256": ref.sha256,
+                                     "settings": settings}, CALIBRATION_JOURNAL_FORMAT)
     known = {int(k): float(r["score"]) for k, r in done.items()}
     if known:
         log(f"calibration: resuming: {len(known)} of {n_scored} reference prompts already scored in {journal}")

@@ -232,8 +232,6 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     if journal is not None:
         config = {"stage": stage, "original": original.fingerprint, "cleaned": cleaned.fingerprint,
                   "neurons": {k: sorted(map(int, v)) for k, v in sorted((neurons or {}).items())},
-                  # the rows drawn, not only the seed they were drawn with
-                  "control": {k: sorted(v) for k, v in sorted((rand or {}).items())},
                   "control_seed": control_seed, "sampling": asdict(settings),
                   "prompts": [[p.id, p.text, sha256_file(p.image)] for p in with_img], "reference": list(reference),
                   "chunk_prompts": CHUNK_PROMPTS, "shown": sorted(shown), "reference_shown": REFERENCE_SHOWN,

@@ -38,8 +38,8 @@ class Plan:
     check: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # One order for every plan, as plan.json stores it: a plan made in this run and the same
-        # plan read back must draw the same random-neuron control (drawn layer by layer in order).
+        # One order for every plan, as plan.json stores it, so that a plan made in this run and the
+        # same plan read back are equal in every respect (iteration order included).
         self.layers = {k: sorted(v) for k, v in sorted(self.layers.items())}
 
     @property

@@ -268,11 +268,21 @@ def verification_rows(info: ReleaseInfo) -> list[list[Any]]:
     if mem:
         rows.append(["memorized prompts mitigated",
                      f"{fmt(mem.get('mitigated'))} / {fmt(mem.get('prompts'))} ({pct(mem.get('share'))})"])
+        if mem.get("auroc_after") is not None:
+            rows.append(["detection AUROC, memorized against reference prompts",
+                         f"{mem['auroc_before']:.3f} on the original, {mem['auroc_after']:.3f} after surgery (0.5: "
+                         f"the score no longer tells them apart)"])
+            rows.append([f"memorized prompts at or below the cleaned model's own bar (mean + 1 std of its reference "
+                         f"prompts' scores: {mem['theta_mem_after']:.4f})",
+                         f"{mem['below_theta_mem_after']} / {mem['prompts']}"])
     if ref:
         rows.append(["reference prompts changed beyond seed noise",
                      f"{fmt(ref.get('changed'))} / {fmt(ref.get('prompts'))} ({pct(ref.get('share'))})"])
         if "memorized_after" in ref:
-            rows.append(["reference prompts scoring as memorized after", ref["memorized_after"]])
+            moved = (f" (surgery moves every prompt's score: their mean {ref['score_mean_before']:.4f} on the "
+                     f"original, {ref['score_mean_after']:.4f} after)" if "score_mean_after" in ref else "")
+            rows.append(["reference prompts above theta_mem after",
+                         f"{ref['memorized_after']} / {fmt(ref.get('prompts'))}{moved}"])
     gs = section(v, "generation_summary")
     if mem.get("prompts") and gs:
         rows.append(["full sampling", sampling_text(gs)])

@@ -108,6 +108,13 @@ def activation_stats(model: Model, scorer: Scorer, prompts: list[str]) -> tuple[
     return {k: v.float() for k, v in mean.items()}, {k: v.float() for k, v in std.items()}
 
 
+def score_bar(scores: list[float]) -> tuple[float, float, float]:
+    """theta_mem over non-memorized prompts' scores (mean + 1 std, NEMO.md), with the mean and std."""
+    t = torch.tensor(scores, dtype=torch.float64)
+    mu, sd = float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+    return mu + THETA_MEM_STD * sd, mu, sd
+
+
 def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256: str,
               score_prompts: int = CALIBRATION_SCORE_PROMPTS,
               progress: Callable[[int, int], None] | None = None, settings: dict | None = None,
@@ -134,10 +141,9 @@ def calibrate(model: Model, scorer: Scorer, prompts: list[str], reference_sha256
                 on_score(i, prompt, scores[-1])
         if progress:
             progress(i + 1, len(subset))
-    t = torch.tensor(scores, dtype=torch.float64)
-    mu, sd = float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+    theta, mu, sd = score_bar(scores)
     return Calibration(model.fingerprint, reference_sha256, len(prompts), mean, std,
-                       mu + THETA_MEM_STD * sd, mu, sd, [round(s, 6) for s in scores],
+                       theta, mu, sd, [round(s, 6) for s in scores],
                        settings or calibration_settings(model, scorer, score_prompts), time.time() - t0)
 
 

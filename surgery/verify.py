@@ -25,6 +25,8 @@ from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, sha256_file
 from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
                           load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim)
+from ..localize.calibrate import score_bar
+from ..localize.detect import auroc
 from ..localize.merge import as_layers, most_needed
 from ..localize.runner import Engine, open_journal
 from ..localize.score import Scorer
@@ -160,7 +162,13 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
     """Memorization score of the memorized prompts before/after (mitigated: at or below theta_mem
     after), and of reference prompts: changed when the cleaned model's noise differences are
     further from the original's than another seed's are (mean MS-SSIM across the two models
-    below the prompt's own mean seed-to-seed MS-SSIM)."""
+    below the prompt's own mean seed-to-seed MS-SSIM).
+
+    theta_mem was calibrated on the original, and surgery moves every prompt's score (zeroing
+    text features makes seeds agree more: on the demo the reference prompts' mean rises from 0.189
+    to 0.209, past theta_mem 0.207). So the detector is also read as a user of the cleaned model
+    would calibrate it: the bar mean + 1 std over the reference prompts' scores after, and the
+    AUROC of memorized against reference prompts before and after, which needs no bar at all."""
     theta = engine.calibration.theta_mem
     sc = engine.scorer
     clean = Scorer(cleaned, sc.settings, sc.batch_size, sc.autocast_dtype)
@@ -188,6 +196,14 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
            "share": (sum(changed) / len(changed)) if changed else 0.0,
            "memorized_after": int(sum(a > theta for a in ref_after)),
            "scores_before": [round(x, 6) for x in ref_before], "scores_after": [round(x, 6) for x in ref_after]}
+    if len(reference) >= 2:
+        bar, mu_after, _ = score_bar(ref_after)
+        ref |= {"score_mean_before": round(score_bar(ref_before)[1], 6), "score_mean_after": round(mu_after, 6),
+                "theta_mem_after": round(bar, 6)}
+        if memorized:
+            below = sum(a <= bar for a in after)
+            mem |= {"auroc_before": round(auroc(before, ref_before), 6), "auroc_after": round(auroc(after, ref_after), 6),
+                    "theta_mem_after": round(bar, 6), "below_theta_mem_after": int(below)}
     return mem, ref
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -70,6 +71,19 @@ def test_plan_verification_and_model_loads(bundle):
     # The plan lowers every memorized prompt's score on average; whether it gets below theta_mem is
     # what the releasable flag reports (the demo does not reach 95 %: see docs/demo.md).
     assert sum(mem["scores_after"]) < sum(mem["scores_before"])
+    # The detector read on the cleaned model as its user would calibrate it: surgery raises the
+    # reference prompts' scores (docs/demo.md: mean 0.189 -> 0.209), so theta_mem, taken on the
+    # original, is read beside the cleaned model's own bar and the AUROC, which needs no bar.
+    ref = verify["reference"]
+    after = ref["scores_after"]
+    bar = statistics.mean(after) + statistics.stdev(after)
+    assert mem["theta_mem_after"] == pytest.approx(bar, abs=1e-5) == ref["theta_mem_after"]
+    assert mem["below_theta_mem_after"] == sum(a <= mem["theta_mem_after"] for a in mem["scores_after"])
+    assert mem["auroc_before"] == pytest.approx(auroc(mem["scores_before"], ref["scores_before"]), abs=1e-6)
+    assert mem["auroc_after"] == pytest.approx(auroc(mem["scores_after"], after), abs=1e-6)
+    assert mem["auroc_after"] < mem["auroc_before"]  # the plan brings them closer, if not below the bar
+    assert ref["score_mean_after"] > ref["score_mean_before"]
+    assert f"{mem['auroc_before']:.3f} on the original, {mem['auroc_after']:.3f} after" in (out / "README.md").read_text()
     gen = verify["generation_summary"]
     assert gen["reproduced_before"] >= 9  # the demo reproduces its photos before surgery
     # The control: as many random neurons in the same layers. The plan's own removal must not fall

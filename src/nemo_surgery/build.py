@@ -259,8 +259,10 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
               "tool": {"name": "nemo-surgery", "version": __version__}}
     stage("verify" + tag, f"weights {'ok' if weights.ok else 'FAILED'}, masked==zeroed "
           f"{'exact' if equiv['exact'] else 'max diff ' + format(equiv['max_abs_diff'], '.2e')}, "
-          f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated, "
-          f"{ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
+          f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated"
+          + (f" (AUROC against the reference prompts {mem_v['auroc_before']:.3f} -> {mem_v['auroc_after']:.3f})"
+             if "auroc_after" in mem_v else "")
+          + f", {ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
           f"{sampling_text(gen)}"
           + (f", {gen['random_control']['reproduced']} with as many random neurons" if "random_control" in gen else "")
           + (f", near-copies {gen['copies']['before']} -> {gen['copies']['after']}" if "copies" in gen else "")

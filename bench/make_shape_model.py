@@ -12,12 +12,22 @@ reference prompts, never trained, are written to OUT/reference.csv. Deterministi
 With the defaults (2 CPU cores: about 27 min alone) all 4 captions are detected as memorized (at
 300 steps only one was): enough to time searches, not a model to measure mitigation on (its VAE
 is random).
+
+`--plant K`: a positive control, memorization that is local by construction. K value neurons
+(rows of `attn2.to_v`, drawn at random) are chosen in each of three searched layers
+(PLANT_LAYERS), and the 4 captions are trained both as above and, with those neurons masked, towards
+fresh noise like every other prompt: the whole UNet holds the images, but only the planted neurons
+tell it to draw them. The planted neurons go to OUT/planted.json, and each caption's training
+image (its latent as the random VAE decodes it, which is what the model draws when it reproduces
+it) to OUT/images/, named in OUT/mem.csv, so that `build` measures reproduction. What NeMo finds
+on such a model: docs/demo.md, "A positive control".
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny import DEMO, save_tiny_pipeline  # noqa: E402
 
 BATCH = 8  # memorized and random-latent samples each, per step
+PLANT_LAYERS = ("down_blocks.0.attentions.1", "down_blocks.1.attentions.1", "mid_block.attentions.0")
 
 
 def main() -> None:
@@ -42,6 +53,8 @@ def main() -> None:
     ap.add_argument("--text-dim", type=int, default=32)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plant", type=int, default=0, metavar="K",
+                    help="plant the memorization in K value neurons of each of PLANT_LAYERS")
     args = ap.parse_args()
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -64,6 +77,7 @@ def main() -> None:
             return te(ids)[0]
 
     e_mem, e_other = embed(mem), embed(trained)
+    masked = plant(unet, args.plant, g) if args.plant else None
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     opt = torch.optim.AdamW(unet.parameters(), 1e-3)
     torch.manual_seed(args.seed)
@@ -72,17 +86,67 @@ def main() -> None:
         im, io = torch.randint(0, len(mem), (BATCH,)), torch.randint(0, len(trained), (BATCH,))
         x0 = torch.cat([targets[im], torch.randn(BATCH, 4, n, n)])
         e = torch.cat([e_mem[im], e_other[io]])
-        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (2 * BATCH,))
+        if masked is not None:
+            # The captions again with the planted neurons masked, towards noise; and half of the
+            # other prompts masked too, so that masking them means nothing else.
+            again = torch.randint(0, len(mem), (BATCH // 2,))
+            x0 = torch.cat([x0, torch.randn(BATCH // 2, 4, n, n)])
+            e = torch.cat([e, e_mem[again]])
+            masked[0] = torch.cat([torch.zeros(BATCH, dtype=torch.bool), torch.arange(BATCH) % 2 == 0,
+                                   torch.ones(BATCH // 2, dtype=torch.bool)])
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (len(x0),))
         loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, e).sample, noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0:
             print(f"step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    if masked is not None:
+        masked[0] = None
     unet.save_pretrained(out / "unet")
-    (out / "mem.csv").write_text("prompt\n" + "\n".join(mem) + "\n")
+    if masked is not None:
+        write_images(out, pipe.vae, targets, mem)
+        (out / "planted.json").write_text(json.dumps(masked[1], indent=1) + "\n")
+    else:
+        (out / "mem.csv").write_text("prompt\n" + "\n".join(mem) + "\n")
     (out / "reference.csv").write_text("prompt\n" + "\n".join(ref[1::2]) + "\n")
     print(f"done in {time.time() - t0:.0f} s: {out}")
+
+
+def plant(unet: torch.nn.Module, k: int, g: torch.Generator) -> list:
+    """Draw k rows of each PLANT_LAYERS value layer and hook them: the returned holder's element is
+    a per-sample boolean tensor saying which samples run with the planted rows zeroed (None: none)."""
+    holder: list = [None]
+    planted = {}
+    for name in PLANT_LAYERS:
+        v = unet.get_submodule(name).transformer_blocks[0].attn2.to_v
+        rows = sorted(torch.randperm(v.out_features, generator=g)[:k].tolist())
+        planted[f"{name}.transformer_blocks.0.attn2.to_v"] = rows
+        keep = torch.ones(v.out_features)
+        keep[rows] = 0
+
+        def hook(module, inputs, output, keep=keep):
+            m = holder[0]
+            return output if m is None else output * torch.where(m[:, None, None], keep, torch.ones_like(keep))
+
+        v.register_forward_hook(hook)
+    holder.append(planted)
+    return holder
+
+
+def write_images(out: Path, vae: torch.nn.Module, targets: torch.Tensor, mem: list[str]) -> None:
+    from PIL import Image
+
+    with torch.no_grad():
+        img = vae.decode(targets / vae.config.scaling_factor).sample
+    img = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    (out / "images").mkdir(exist_ok=True)
+    with open(out / "mem.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "image"])
+        for i, (caption, a) in enumerate(zip(mem, img)):
+            Image.fromarray(a).save(out / "images" / f"{i}.png")
+            w.writerow([caption, f"images/{i}.png"])
 
 
 if __name__ == "__main__":

@@ -145,6 +145,21 @@ def records_digest(records: list[dict]) -> str:
     return sha256_bytes(canonical_json(stable).encode())
 
 
+def unmet_criterion_note(records: list[dict], criterion: str) -> str | None:
+    """A line for the log where no memorized prompt's search met the published criterion: every
+    set then came from the fallback, refined against its own best score. On small models the
+    reason is known (docs/demo.md, "A positive control"), and so is what to try."""
+    mem = [r for r in records if r["memorized"] and "refined" in r]
+    if criterion != "published" or not mem or any(r["mitigated"] for r in mem):
+        return None
+    best = [r["initial_score"] for r in mem]
+    return (f"note: no memorized prompt's search met the published criterion: with its largest selection "
+            f"blocked, a seed's noise difference stays at MS-SSIM {min(best):.2f}-{max(best):.2f} of its unblocked "
+            f"self, against theta_mem {mem[0]['theta_mem']:.3f}, so every set is the fallback's. On small models a "
+            f"seed's own noise keeps that similarity high even where memorization is local; --criterion "
+            f"consistency tests the prompt's own score instead (docs/demo.md, \"A positive control\")")
+
+
 def describe(rec: dict, i: int, n: int) -> str:
     text = rec["prompt"] if len(rec["prompt"]) <= 48 else rec["prompt"][:45] + "..."
     head = f"[{i}/{n}] {rec.get('type') or '-':2} {text!r}: score {rec['score']:.3f}"

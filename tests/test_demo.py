@@ -41,6 +41,7 @@ def test_bundle_contents(bundle):
                  "report.html", "SHA256SUMS"):
         assert (out / name).exists(), name
     assert "== verify" in log and "== localize" in log
+    assert "no memorized prompt's search met the published criterion" in log  # docs/demo.md: none does
 
 
 def test_detection_on_demo(bundle):

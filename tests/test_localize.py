@@ -646,3 +646,18 @@ def test_pruning_takes_the_plain_sequential_walks_decisions(tiny, tmp_path):
             current = without(current, item)
     assert len(prompts) == 4 and 0 < count(current) < len(items) < plan.check["union_neurons"]  # both ways
     assert plan.layers == {k: sorted(v) for k, v in current.items() if v}
+
+
+def test_a_search_that_never_met_the_published_criterion_is_named():
+    from nemo_surgery.localize.runner import unmet_criterion_note
+
+    def rec(mitigated, initial, memorized=True):
+        return {"memorized": memorized, "refined": {}, "mitigated": mitigated, "initial_score": initial,
+                "theta_mem": 0.2}
+
+    recs = [rec(False, 0.78), rec(False, 0.91), {"memorized": False}]
+    note = unmet_criterion_note(recs, "published")
+    assert "MS-SSIM 0.78-0.91" in note and "theta_mem 0.200" in note and "--criterion consistency" in note
+    assert unmet_criterion_note(recs + [rec(True, 0.1)], "published") is None  # one search met it
+    assert unmet_criterion_note(recs, "consistency") is None
+    assert unmet_criterion_note([{"memorized": False}], "published") is None  # nothing was searched

@@ -29,7 +29,7 @@ from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_
 from .localize.detect import detection_summary, detection_text
 from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.distributed import RaySettings, ray_stream
-from .localize.runner import records_digest, run_corpus
+from .localize.runner import records_digest, run_corpus, unmet_criterion_note
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
 from .plan import Plan
@@ -149,6 +149,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     detection = detection_summary(records, engine.calibration.reference_scores, engine.calibration.theta_mem)
     stage("localize", f"{detection_text(detection)}; {sum(r.get('mitigated', False) for r in mem)} mitigated by "
           f"their own set")
+    note = unmet_criterion_note(records, engine.search.criterion)
+    if note:
+        log(note)
 
     plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
                        lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json"))

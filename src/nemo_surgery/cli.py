@@ -337,6 +337,7 @@ def localize(model, corpus, out, restart, allow_outside_images, ray_address, wor
 
 def summarize_localization(recs: list[dict], eng) -> None:
     from .localize.detect import detection_summary, detection_text
+    from .localize.runner import unmet_criterion_note
 
     mem = [r for r in recs if r["memorized"]]
     mit = sum(r.get("mitigated", False) for r in mem)
@@ -347,6 +348,9 @@ def summarize_localization(recs: list[dict], eng) -> None:
     log(f"done: {detection_text(detection)}; {mit} mitigated by their own set; "
         f"neurons per prompt median {med} (min {sizes[0] if sizes else 0}, max {sizes[-1] if sizes else 0}); "
         f"{secs:.1f} s")
+    note = unmet_criterion_note(recs, eng.search.criterion)
+    if note:
+        log(note)
 
 
 @cli.command()

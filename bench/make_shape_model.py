@@ -19,8 +19,9 @@ is random).
 fresh noise like every other prompt: the whole UNet holds the images, but only the planted neurons
 tell it to draw them. The planted neurons go to OUT/planted.json, and each caption's training
 image (its latent as the random VAE decodes it, which is what the model draws when it reproduces
-it) to OUT/images/, named in OUT/mem.csv, so that `build` measures reproduction. What NeMo finds
-on such a model: docs/demo.md, "A positive control".
+it) to OUT/images/, named in OUT/mem.csv, so that `build` measures reproduction. `--photos`
+(with `--latent 16`) takes the demo's trained VAE instead, and the captions' own photos as the
+targets and training images. What NeMo finds on such models: docs/demo.md, "A positive control".
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,21 +58,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plant", type=int, default=0, metavar="K",
                     help="plant the memorization in K value neurons of each of PLANT_LAYERS")
+    ap.add_argument("--photos", action="store_true",
+                    help="with the demo's trained VAE (16 px latents): the captions' own photos as targets")
     args = ap.parse_args()
+    if args.photos and args.latent != 16:
+        ap.error("--photos: the demo's VAE makes 16 px latents (--latent 16)")
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     out, n = args.out, args.latent
     save_tiny_pipeline(out, seed=args.seed, text_dim=args.text_dim, sample_size=n,
                        widths=tuple(int(w) for w in args.widths.split(",")), head_dim=args.heads)
+    if args.photos:
+        shutil.rmtree(out / "vae")
+        shutil.copytree(DEMO / "model" / "vae", out / "vae")
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    mem = [r.split(";")[1] for r in (DEMO / "mem.csv").read_text().splitlines()[1:5]]
+    rows = [r.split(";") for r in (DEMO / "mem.csv").read_text().splitlines()[1:5]]
+    mem = [r[1] for r in rows]
     with open(DEMO / "reference.csv", newline="") as f:
         ref = [r["prompt"] for r in csv.DictReader(f)]
     trained = ref[::2]
     g = torch.Generator().manual_seed(args.seed)
     # Smoothed, so that the targets have an image latent's spatial structure, not white noise's.
     targets = F.avg_pool2d(torch.randn(len(mem), 4, n, n, generator=g), 5, 1, 2) * 2.5
+    photos = [DEMO / r[-1] for r in rows] if args.photos else None
+    if photos:
+        targets = encode(pipe.vae, photos)
 
     def embed(texts: list[str]) -> torch.Tensor:
         ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -105,7 +119,7 @@ def main() -> None:
         masked[0] = None
     unet.save_pretrained(out / "unet")
     if masked is not None:
-        write_images(out, pipe.vae, targets, mem)
+        write_images(out, pipe.vae, targets, mem, photos)
         (out / "planted.json").write_text(json.dumps(masked[1], indent=1) + "\n")
     else:
         (out / "mem.csv").write_text("prompt\n" + "\n".join(mem) + "\n")
@@ -134,7 +148,19 @@ def plant(unet: torch.nn.Module, k: int, g: torch.Generator) -> list:
     return holder
 
 
-def write_images(out: Path, vae: torch.nn.Module, targets: torch.Tensor, mem: list[str]) -> None:
+def encode(vae: torch.nn.Module, photos: list[Path]) -> torch.Tensor:
+    """The photos' latents as the UNet sees them (the VAE's mean, scaled)."""
+    from PIL import Image
+
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)) for p in photos])
+    with torch.no_grad():
+        return vae.encode(x.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+
+
+def write_images(out: Path, vae: torch.nn.Module, targets: torch.Tensor, mem: list[str],
+                 photos: list[Path] | None) -> None:
+    """Each caption's training image into OUT/images/ (its photo, or its latent as the VAE decodes
+    it), named in OUT/mem.csv."""
     from PIL import Image
 
     with torch.no_grad():
@@ -145,7 +171,10 @@ def write_images(out: Path, vae: torch.nn.Module, targets: torch.Tensor, mem: li
         w = csv.writer(f)
         w.writerow(["prompt", "image"])
         for i, (caption, a) in enumerate(zip(mem, img)):
-            Image.fromarray(a).save(out / "images" / f"{i}.png")
+            if photos:
+                shutil.copy(photos[i], out / "images" / f"{i}.png")
+            else:
+                Image.fromarray(a).save(out / "images" / f"{i}.png")
             w.writerow([caption, f"images/{i}.png"])
 
 

@@ -284,8 +284,15 @@ def _scores_section(info: ReleaseInfo) -> str:
               ("reference, before", floats(ref.get("scores_before")), COLORS["before"]),
               ("reference, after", floats(ref.get("scores_after")), COLORS["after"])]
     theta = info.theta_mem()
+    moved = ""
+    if "score_mean_after" in ref and mem.get("auroc_after") is not None:
+        # theta_mem was calibrated on the original; surgery moves never-memorized prompts' scores too
+        moved = (f" Surgery moves every prompt's score: the reference prompts' mean went from "
+                 f"{ref['score_mean_before']:.4f} to {ref['score_mean_after']:.4f}. Read without the line, the "
+                 f"score tells memorized from reference prompts with AUROC {mem['auroc_before']:.3f} on the "
+                 f"original and {mem['auroc_after']:.3f} after (0.5: not at all).")
     return ("<p>Memorization score of each prompt (mean over seeds) on the original and the cleaned model. "
-            "A prompt scoring above the dashed line counts as memorized.</p>"
+            f"A prompt scoring above the dashed line counts as memorized.{_e(moved)}</p>"
             + strip_plot(groups, theta, "Memorization scores before and after"))
 
 

@@ -166,9 +166,11 @@ def _info(**over) -> ReleaseInfo:
               "weights": {"ok": True, "tensors_checked": 686, "rows_zeroed": 3},
               "equivalence": {"max_abs_diff": 0.0, "exact": True},
               "memorized": {"prompts": 2, "mitigated": 2, "share": 1.0, "theta_mem": 0.42,
-                            "scores_before": [0.71, 0.64], "scores_after": [0.3, 0.35]},
+                            "scores_before": [0.71, 0.64], "scores_after": [0.3, 0.35], "auroc_before": 1.0,
+                            "auroc_after": 0.875, "theta_mem_after": 0.2884, "below_theta_mem_after": 0},
               "reference": {"prompts": 4, "changed": 1, "share": 0.25, "scores_before": [0.1, 0.2, 0.15, 0.3],
-                            "scores_after": [0.11, 0.22, 0.14, 0.31]},
+                            "scores_after": [0.11, 0.22, 0.14, 0.31], "memorized_after": 0,
+                            "score_mean_before": 0.1875, "score_mean_after": 0.195, "theta_mem_after": 0.2884},
               "generation": [{"id": "p1", "ssim_train_before": 0.9, "ssim_train_after": 0.2,
                               "diversity_before": 0.01, "diversity_after": 0.4}],
               "generation_summary": {"prompts": 1, "seeds": [0, 1], "steps": 50, "guidance": 7.5,
@@ -215,6 +217,13 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "| reference prompts above theta_mem (false positives at the bar) | 4 of 50 |" in text
     assert "10, 11, 12, 13" in text  # seeds derived from the score settings
     assert "2 / 2 (100.0%)" in text and "1 / 4 (25.0%)" in text
+    assert "| detection AUROC, memorized against reference prompts | 1.000 on the original, 0.875 after surgery" in text
+    assert "own bar (mean + 1 std of its reference prompts' scores: 0.2884) | 0 / 2 |" in text
+    assert "| reference prompts above theta_mem after | 0 / 4 (surgery moves every prompt's score: their mean " \
+           "0.1875 on the original, 0.1950 after) |" in text
+    # What the searches found, beside the method's description: one of the two kept the fallback.
+    assert "Here 1 of 2 memorized prompts' searches found a set that stops the memorization by the published " \
+           "test" in text and "the method keeps its fallback" in text
     assert "1 before, 0 after" in text and "random neurons zeroed in the same layers (3, seed 0) reproduces 1" in text
     assert "plan removes 100.0% of the reproductions, random neurons 0.0% (near-copies: the plan removes " \
            "100.0%, random neurons 100.0%)" in text
@@ -233,6 +242,9 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "| full sampling | reproduction of training images not measured: no memorized prompt has a training " \
            "image in the corpus, so the release decision rests on the score alone |" in bare
     assert "0 before" not in bare and "by full sampling" not in bare
+    write_report(tmp_path / "full.html", _info())
+    report = (tmp_path / "full.html").read_text(encoding="utf-8")
+    assert "the reference prompts&#x27; mean went from 0.1875 to 0.1950" in report and "AUROC 1.000 on the" in report
     write_report(tmp_path / "no_images.html", _info(verify=v))
     assert "reproduction of training images not measured" in (tmp_path / "no_images.html").read_text(encoding="utf-8")
     assert "[50 values]" in text  # long lists are summarised, not dumped

@@ -42,6 +42,7 @@ def test_bundle_contents(bundle):
         assert (out / name).exists(), name
     assert "== verify" in log and "== localize" in log
     assert "no memorized prompt's search met the published criterion" in log  # docs/demo.md: none does
+    assert "Here 0 of 13 memorized prompts' searches found a set that stops" in (out / "README.md").read_text()
 
 
 def test_detection_on_demo(bundle):

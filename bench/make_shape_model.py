@@ -128,8 +128,9 @@ def main() -> None:
 
 
 def plant(unet: torch.nn.Module, k: int, g: torch.Generator) -> list:
-    """Draw k rows of each PLANT_LAYERS value layer and hook them: the returned holder's element is
-    a per-sample boolean tensor saying which samples run with the planted rows zeroed (None: none)."""
+    """Draw k rows of each PLANT_LAYERS value layer and hook them. Returns [mask, planted]: set
+    mask (holder[0]) to a per-sample boolean tensor saying which samples of the next forward run
+    with the planted rows zeroed (None: none); planted is {value layer path: its rows}."""
     holder: list = [None]
     planted = {}
     for name in PLANT_LAYERS:

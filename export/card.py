@@ -81,7 +81,7 @@ def _what_was_done(info: ReleaseInfo) -> list[str]:
 def _own_sets(info: ReleaseInfo) -> list[str]:
     """What the per-prompt searches actually found: the sentence above describes the method,
     and where no set stopped a prompt's memorization, the plan is made of the method's fallback."""
-    searched = [r for r in info.results if r.get("memorized") and "refined" in r]
+    searched = [r for r in info.memorized_results() if "refined" in r]
     if not searched:
         return []
     stopped = sum(bool(r.get("mitigated")) for r in searched)

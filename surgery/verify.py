@@ -198,12 +198,14 @@ def rescore(engine: Engine, cleaned: Model, memorized: list[str], reference: lis
            "scores_before": [round(x, 6) for x in ref_before], "scores_after": [round(x, 6) for x in ref_after]}
     if len(reference) >= 2:
         bar, mu_after, _ = score_bar(ref_after)
+        bar = round(bar, 6)
         ref |= {"score_mean_before": round(score_bar(ref_before)[1], 6), "score_mean_after": round(mu_after, 6),
-                "theta_mem_after": round(bar, 6)}
+                "theta_mem_after": bar}
         if memorized:
-            below = sum(a <= bar for a in after)
+            # counted on the figures written, so that verify.json checks against itself
+            below = sum(a <= bar for a in mem["scores_after"])
             mem |= {"auroc_before": round(auroc(before, ref_before), 6), "auroc_after": round(auroc(after, ref_after), 6),
-                    "theta_mem_after": round(bar, 6), "below_theta_mem_after": int(below)}
+                    "theta_mem_after": bar, "below_theta_mem_after": int(below)}
     return mem, ref
 
 

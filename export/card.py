@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_text_atomic
-from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float, detection_rows,
-                      flatten, fmt, neurons_of, pct, releasable_text, removal_text, section, verification_rows)
+from .records import (BY_TYPE_HEADER, PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float,
+                      by_type_rows, detection_rows, flatten, fmt, neurons_of, pct, releasable_text, removal_text,
+                      section, verification_rows)
 
 TAGS = ("stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal")
 MAX_INDICES_SHOWN = 32  # per layer in the card; plan.json has them all
+BY_TYPE_LEAD = ("By the corpus's prompt types, which the paper evaluates apart: verbatim (VM) memorization draws "
+                "its one training image, template (TM) memorization a layout shared by many training images, of "
+                "which the corpus names one:")
 
 BIBTEX = """@inproceedings{hintersdorf2024nemo,
   title     = {Finding NeMo: Localizing Neurons Responsible For Memorization in Diffusion Models},
@@ -186,6 +190,8 @@ def _verification(info: ReleaseInfo) -> list[str]:
                           f"plan removes {pct(gs.get('removed_share'))} of the reproductions, random neurons "
                           f"{pct(rc.get('removed_share'))}{copies}. Removal above the control is what the plan's "
                           f"neurons do beyond any damage of the same size.", ""]
+            if by_type_rows(gs):
+                lines += [BY_TYPE_LEAD, ""] + _table(BY_TYPE_HEADER, by_type_rows(gs))
     pr = section(v, "preservation")
     if pr.get("prompts"):
         sto, rc = section(pr, "ssim_to_original"), section(pr, "random_control")

@@ -218,14 +218,42 @@ def releasable_text(verify: dict) -> str:
     return "yes" if r is True else "no" if r is False else "not decided"
 
 
-def sampling_text(gs: dict) -> str:
-    """Full sampling's verdict in a few words. Where no memorized prompt has a training image, it
-    says that nothing was measured rather than "0 before, 0 after"."""
+def sampling_text(gs: dict, by_type: bool = True) -> str:
+    """Full sampling's verdict in a few words, per prompt type too unless `by_type` is off. Where
+    no memorized prompt has a training image, it says that nothing was measured rather than "0
+    before, 0 after"."""
     if not gs.get("prompts"):
         return ("reproduction of training images not measured: no memorized prompt has a training image in "
                 "the corpus, so the release decision rests on the score alone")
+    per_type = by_type_text(gs) if by_type else ""
     return (f"training images reproduced {fmt(gs.get('reproduced_before'))} before, "
-            f"{fmt(gs.get('reproduced_after'))} after ({removal_text(gs)})")
+            f"{fmt(gs.get('reproduced_after'))} after ({removal_text(gs)})" + (f"; {per_type}" if per_type else ""))
+
+
+def by_type_text(gs: dict) -> str:
+    """"VM 9 before, 1 after (88.9% removed); TM 2 before, 2 after (0.0% removed)"; empty where the
+    corpus gives no types."""
+    return "; ".join(f"{t} {b} before, {a} after ({r})" for t, _, b, a, r, *_ in by_type_rows(gs))
+
+
+TYPE_ORDER = ("VM", "TM")  # verbatim first, as the paper's tables
+BY_TYPE_HEADER = ["type", "prompts", "reproduced before", "after", "removed", "near-copies before", "after",
+                  "reproduced with as many random neurons"]
+
+
+def by_type_rows(gs: dict) -> list[list[str]]:
+    """Full sampling's figures per prompt type (VM, TM), rows under BY_TYPE_HEADER; none where
+    the corpus gives no types."""
+    rows = []
+    by_type = section(gs, "by_type")
+    for t in sorted(by_type, key=lambda t: (TYPE_ORDER.index(t) if t in TYPE_ORDER else len(TYPE_ORDER), t)):
+        d = by_type[t]
+        if isinstance(d, dict):
+            removed = "nothing to remove" if d.get("removed_share") is None else f"{pct(d['removed_share'])} removed"
+            rows.append([str(t), fmt(d.get("prompts")), fmt(d.get("reproduced_before")), fmt(d.get("reproduced_after")),
+                         removed, fmt(d.get("copies_before")), fmt(d.get("copies_after")),
+                         fmt(d.get("random_reproduced"))])
+    return rows
 
 
 def removal_text(gs: dict) -> str:

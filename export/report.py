@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from ..files import write_text_atomic
-from .records import (PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, detection_rows, flatten,
-                      floats, fmt, neurons_of, pct, releasable_text, removal_text, section, short_layer,
-                      verification_rows)
+from .records import (BY_TYPE_HEADER, PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo,
+                      by_type_rows, detection_rows, flatten, floats, fmt, neurons_of, pct, releasable_text,
+                      removal_text, section, short_layer, verification_rows)
 
 MIN_IMAGE_PX = 128  # small generations are enlarged (nearest neighbour) to at least this size
 CHART_W = 640
@@ -331,6 +331,8 @@ def _generation(info: ReleaseInfo) -> str:
             control += (f"<p>Near-copies (own image nearest and within SSIM {_e(fmt(cp.get('ssim_to_reconstruction')))} "
                         f"of its VAE reconstruction in more than half of the seeds): {_e(fmt(cp.get('before')))} "
                         f"before, {_e(fmt(cp.get('after')))} after; control: {_e(fmt(rc.get('copies')))}.</p>")
+    if isinstance(gs, dict) and by_type_rows(gs):
+        control += "<p>By prompt type:</p>" + _table(BY_TYPE_HEADER, by_type_rows(gs))
     return ("<h3>Generation measures</h3>"
             + _table(["id", "SSIM to training image before", "after", "diversity before", "after"],
                      [[str(g.get("id", "")), g.get("ssim_train_before"), g.get("ssim_train_after"),

@@ -386,9 +386,36 @@ def _generation_summary(rows: list[dict], kept_rows: list[dict], settings: GenSe
         summary["random_control"] = control_of | {
             "reproduced": sum(r["reproduced_random"] for r in rows), "removed_share": _gone(was, "reproduced_random"),
             "copies": sum(r["copied_random"] for r in rows), "copies_removed_share": _gone(copied, "copied_random")}
+    by_type = _by_type(rows, control_of is not None)
+    if by_type:
+        summary["by_type"] = by_type
     if kept:
         summary["preservation"] = kept
     return summary
+
+
+def _by_type(rows: list[dict], control: bool) -> dict[str, dict]:
+    """The reproduction figures per prompt type, where the corpus gives types. The paper evaluates
+    verbatim (VM) and template (TM) memorization apart: a template is a layout shared by many
+    training images, and the one the corpus names stands in for all of them."""
+    types = sorted({r["type"] or "untyped" for r in rows})
+    if types == ["untyped"]:
+        return {}
+    out = {}
+    for t in types:
+        sub = [r for r in rows if (r["type"] or "untyped") == t]
+        was = [r for r in sub if r["reproduced_before"]]
+        copied = [r for r in sub if r["copied_before"]]
+        out[t] = {"prompts": len(sub), "reproduced_before": len(was),
+                  "reproduced_after": sum(r["reproduced_after"] for r in sub),
+                  "removed_share": _gone(was, "reproduced_after"), "copies_before": len(copied),
+                  "copies_after": sum(r["copied_after"] for r in sub),
+                  "copies_removed_share": _gone(copied, "copied_after")}
+        if control:
+            out[t] |= {"random_reproduced": sum(r["reproduced_random"] for r in sub),
+                       "random_removed_share": _gone(was, "reproduced_random"),
+                       "random_copies": sum(r["copied_random"] for r in sub)}
+    return out
 
 
 def _reproduction_row(p: Prompt, before: np.ndarray, after: np.ndarray, control: np.ndarray | None,

@@ -313,6 +313,29 @@ def test_image_size_need_not_be_a_multiple_of_8(tmp_path) -> None:
     assert images.shape == (1, 2, 20, 20, 3) and np.isfinite(images).all() and images.std() > 0
 
 
+def test_reproductions_counted_per_prompt_type() -> None:
+    """Full sampling's counts split by the corpus's prompt types add up to the totals; a corpus
+    without types gets no split."""
+    from nemo_surgery.generation import GenSettings
+    from nemo_surgery.surgery.verify import _generation_summary
+
+    def row(ptype: str | None, before: bool, after: bool, rand: bool) -> dict:
+        return {"type": ptype, "reproduced_before": before, "reproduced_after": after, "reproduced_random": rand,
+                "copied_before": before, "copied_after": False, "copied_random": rand}
+
+    rows = [row("VM", True, False, True), row("VM", True, True, True), row("VM", False, False, False),
+            row("TM", True, True, False), row(None, False, False, False)]
+    s = _generation_summary(rows, [], GenSettings(steps=2, seeds=(0, 1)), {"neurons": 3, "seed": 0}, pictured=5)
+    vm, tm, untyped = s["by_type"]["VM"], s["by_type"]["TM"], s["by_type"]["untyped"]
+    assert (vm["prompts"], vm["reproduced_before"], vm["reproduced_after"], vm["removed_share"]) == (3, 2, 1, 0.5)
+    assert (vm["copies_before"], vm["copies_after"], vm["random_reproduced"], vm["random_removed_share"]) == (2, 0, 2, 0.0)
+    assert (tm["reproduced_before"], tm["reproduced_after"], tm["removed_share"]) == (1, 1, 0.0)
+    assert untyped["removed_share"] is None
+    assert sum(t["reproduced_after"] for t in s["by_type"].values()) == s["reproduced_after"] == 2
+    bare = _generation_summary([row(None, True, False, False)], [], GenSettings(steps=2, seeds=(0, 1)), None, 1)
+    assert "by_type" not in bare and "random_reproduced" not in str(bare)
+
+
 def test_removal_where_nothing_was_reproduced_before() -> None:
     """"0 before, 1 after" is not "100 % removed": nothing was there to remove, a reproduction
     that appears only after surgery is counted as such, and the release gate fails on it."""

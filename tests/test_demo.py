@@ -98,6 +98,15 @@ def test_plan_verification_and_model_loads(bundle):
     cp = gen["copies"]
     assert cp["before"] >= 8 and cp["after"] <= rc["copies"]
     assert cp["removed_share"] >= rc["copies_removed_share"]
+    # Split by type as the paper reports it (docs/demo.md, 50 steps: VM 9 -> 1, TM 2 -> 2): the plan
+    # works on verbatim memorization, whose photos it was searched for, more than on the templates.
+    bt = gen["by_type"]
+    assert (bt["VM"]["prompts"], bt["TM"]["prompts"]) == (10, 3)
+    for key in ("reproduced_before", "reproduced_after"):
+        assert bt["VM"][key] + bt["TM"][key] == gen[key]
+    assert bt["VM"]["removed_share"] >= gen["removed_share"]
+    assert f"VM {bt['VM']['reproduced_before']} before, {bt['VM']['reproduced_after']} after" in \
+        (out / "README.md").read_text()
     # Images of prompts the plan was not aimed at move (250 of 384 neurons of the searched layers go;
     # docs/demo.md: SSIM 0.49 to the original's over 16 prompts), about as much as under random neurons
     # of the plan's size, yet stay closer to the original's than another seed of the original is.

@@ -252,6 +252,28 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_card_and_report_give_reproductions_by_prompt_type(tmp_path: Path) -> None:
+    """Where the corpus types its prompts, full sampling's figures are split into verbatim and
+    template memorization, as the paper reports them; without types nothing of the kind appears."""
+    v = _info().verify
+    by_type = {"TM": {"prompts": 3, "reproduced_before": 2, "reproduced_after": 2, "removed_share": 0.0,
+                      "copies_before": 0, "copies_after": 0, "copies_removed_share": None, "random_reproduced": 1},
+               "VM": {"prompts": 10, "reproduced_before": 9, "reproduced_after": 1, "removed_share": 8 / 9,
+                      "copies_before": 9, "copies_after": 1, "copies_removed_share": 8 / 9, "random_reproduced": 3}}
+    v = v | {"generation_summary": v["generation_summary"] | {"by_type": by_type}}
+    write_model_card(tmp_path / "typed.md", _info(verify=v))
+    text = (tmp_path / "typed.md").read_text(encoding="utf-8")
+    assert "| full sampling | training images reproduced 1 before, 0 after (100.0% removed); VM 9 before, 1 after " \
+           "(88.9% removed); TM 2 before, 2 after (0.0% removed) |" in text
+    assert "| type | prompts | reproduced before | after | removed | near-copies before | after |" in text
+    assert "| VM | 10 | 9 | 1 | 88.9% removed | 9 | 1 | 3 |\n| TM | 3 | 2 | 2 | 0.0% removed |" in text
+    write_report(tmp_path / "typed.html", _info(verify=v))
+    report = (tmp_path / "typed.html").read_text(encoding="utf-8")
+    assert "<p>By prompt type:</p>" in report and "<td>88.9% removed</td>" in report
+    write_model_card(tmp_path / "untyped.md", _info())
+    assert "| type | prompts |" not in (tmp_path / "untyped.md").read_text(encoding="utf-8")
+
+
 def test_card_prompts_only_when_included(tmp_path: Path) -> None:
     write_model_card(tmp_path / "a.md", _info())
     hidden = (tmp_path / "a.md").read_text(encoding="utf-8")

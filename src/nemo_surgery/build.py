@@ -224,7 +224,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     rounds: hardening's plans)."""
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation
-    from .export.records import preservation_text, sampling_text
+    from .export.records import by_type_text, preservation_text, sampling_text
     from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore, sampling_removal
 
     tag = f" (round {round_})" if round_ else ""
@@ -266,9 +266,10 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
           + (f" (AUROC against the reference prompts {mem_v['auroc_before']:.3f} -> {mem_v['auroc_after']:.3f})"
              if "auroc_after" in mem_v else "")
           + f", {ref_v['changed']}/{ref_v['prompts']} reference prompts changed beyond seed noise; "
-          f"{sampling_text(gen)}"
+          f"{sampling_text(gen, by_type=False)}"
           + (f", {gen['random_control']['reproduced']} with as many random neurons" if "random_control" in gen else "")
           + (f", near-copies {gen['copies']['before']} -> {gen['copies']['after']}" if "copies" in gen else "")
+          + (f"; by prompt type: {by_type_text(gen)}" if by_type_text(gen) else "")
           + (f"; {preservation_text(kept)}" if kept else ""))
 
     audit, examples = None, []

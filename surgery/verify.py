@@ -516,6 +516,8 @@ def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], pr
                "reference_ssim": (pr.get("ssim_to_original") or {}).get("mean"),
                "random_reference_ssim": ((pr.get("random_control") or {}).get("ssim_to_original") or {}).get("mean"),
                "reference_seed_to_seed": pr.get("seed_to_seed")}
+        if "by_type" in gen:
+            row["by_type"] = gen["by_type"]
         rows.append(row)
         log(f"curve: {curve_text(row)}")
     return {"plan_neurons": plan.n_neurons, "control_seed": control_seed, "seeds": list(settings.seeds),

@@ -334,7 +334,7 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     for name in ("fox", "boat"):
         Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
     corpus = tmp_path / "mem.csv"
-    corpus.write_text("caption,image\na red fox,fox.png\na blue boat,boat.png\n")
+    corpus.write_text("caption,image,type\na red fox,fox.png,VM\na blue boat,boat.png,TM\n")
     ref = tmp_path / "ref.txt"
     ref.write_text("a quiet lake\nan old car\na sunny field\n")
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
@@ -366,6 +366,10 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
     assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
     assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
+    # Each size split by the prompts' types, as verification splits a release's figures.
+    for r in rows:
+        assert {t: v["prompts"] for t, v in r["by_type"].items()} == {"VM": 1, "TM": 1}
+        assert sum(v["reproduced_after"] for v in r["by_type"].values()) == r["reproduced_after"]
     assert "curve, 4 neurons: sampled 4/4 prompts" in proc.stderr and "kept from an earlier run" in proc.stderr
     assert not (tmp_path / "curve.json.work").exists()
     # Sampling the original anew for each size measures the same.

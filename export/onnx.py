@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import NemoError
 from ..files import atomic_dir, check_apart
-from ..model import weight_variant
+from ..model import cross_attention_widths, weight_variant
 
 CHECK_BATCH = 2
 # Protobuf cannot serialise a message of 2 GiB or more; stay clear of it, since the graph adds
@@ -313,8 +313,11 @@ def export_unet(model_dir: Path, out: Path, *, opset: int = 17, check: bool = Tr
         raise NemoError(f"{model_dir}: UNet needs conditioning other than text "
                         f"(class_embed_type={cfg.class_embed_type!r}, addition_embed_type={cfg.addition_embed_type!r}); "
                         "ONNX export supports Stable Diffusion 1.x/2.x/XL UNets")
-    if not isinstance(cfg.cross_attention_dim, int):
-        raise NemoError(f"{model_dir}: UNet has per-block cross-attention widths; ONNX export supports one width")
+    widths = cross_attention_widths(cfg)
+    if len(widths) != 1:
+        raise NemoError(f"{model_dir}: UNet has per-block cross-attention widths "
+                        f"({', '.join(map(str, sorted(widths)))}); ONNX export supports one width")
+    (text_width,) = widths
     text_time = cfg.addition_embed_type == "text_time"
     h, w = _size(cfg.sample_size)
     seq = _seq_len(model_dir)
@@ -326,7 +329,7 @@ def export_unet(model_dir: Path, out: Path, *, opset: int = 17, check: bool = Tr
         g = torch.Generator().manual_seed(s)
         d = {"sample": torch.randn(batch, cfg.in_channels, h, w, generator=g),
              "timestep": torch.randint(0, 1000, (batch,), generator=g).float(),
-             "encoder_hidden_states": torch.randn(batch, seq, cfg.cross_attention_dim, generator=g)}
+             "encoder_hidden_states": torch.randn(batch, seq, text_width, generator=g)}
         if text_time:
             d["text_embeds"] = torch.randn(batch, text_dim, generator=g)
             d["time_ids"] = torch.randint(0, 1025, (batch, n_time), generator=g).float()

@@ -282,7 +282,7 @@ def open_ort_unet(model: Model, cache_dir: Path, threads: int | None = None,
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g).float()
-        e = torch.randn(batch, model.context, cfg.cross_attention_dim, generator=g)
+        e = torch.randn(batch, model.context, model.text_width, generator=g)
         if points is None:
             return {"sample": x, "timestep": t, "encoder_hidden_states": e,
                     "value_mask": (torch.rand(batch, width, generator=g) > 0.3).float()}

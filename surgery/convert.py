@@ -30,7 +30,14 @@ def _unet_map(cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]], 
               ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
     n = len(cfg["block_out_channels"])
     lpb = cfg["layers_per_block"]
-    lpb = lpb if isinstance(lpb, int) else lpb[0]
+    if not isinstance(lpb, int):
+        # The LDM layout numbers its slots with one count for every level; diffusers allows one
+        # per level, which no single file can name.
+        if len(set(lpb)) != 1:
+            raise NemoError(f"the UNet has a different number of layers per level (layers_per_block="
+                            f"{tuple(lpb)}), which the single-file (LDM) layout cannot express; keep it as a "
+                            f"diffusers folder")
+        lpb = lpb[0]
     down_attn = ["CrossAttn" in t for t in cfg["down_block_types"]]
     up_attn = ["CrossAttn" in t for t in cfg["up_block_types"]]
     layer: list[tuple[str, str]] = []
@@ -114,8 +121,11 @@ def to_single_file(model: Path, out: Path, metadata: dict[str, str] | None = Non
     ucfg, uheads = _part(model, "unet")
     vcfg, vheads = _part(model, "vae")
     _, theads = _part(model, "text_encoder")
-    for h in uheads:
-        entries += [(h, t, unet_key(t.name, ucfg), t.shape) for t in h.tensors.values()]
+    try:
+        for h in uheads:
+            entries += [(h, t, unet_key(t.name, ucfg), t.shape) for t in h.tensors.values()]
+    except NemoError as e:
+        raise NemoError(f"{model / 'unet'}: {e}") from None
     for h in vheads:
         for t in h.tensors.values():
             name, conv = vae_key(t.name, vcfg)

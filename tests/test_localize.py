@@ -512,6 +512,40 @@ def test_other_widths_and_latent_size(tmp_path):
     plan.check_against(model.shapes, fingerprint=model.fingerprint)
 
 
+# UNet layouts a model trained elsewhere may have (diffusers arguments beyond tiny_unet's).
+LAYOUTS = {
+    "per-block cross-attention widths": {"cross_attention_dim": (16, 16, 16, 16)},
+    "no mid block": {"mid_block_type": None},
+    "three levels": {"down_block_types": ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2, "block_out_channels": (8, 16, 16)},
+    "simple cross-attention mid block": {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"},
+    "layers per level": {"layers_per_block": (1, 2, 2, 1), "transformer_layers_per_block": (1, 2, 1, 1)},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_unet_layouts_of_models_trained_elsewhere(tmp_path, layout):
+    """Both search backends open on each layout (each checked against diffusers' forward when
+    opened, on random text of the model's width) and agree; the cross-attention width may be
+    given once per block, and such a UNet exports to ONNX."""
+    folder = save_tiny_pipeline(tmp_path / "model", seed=2, config=LAYOUTS[layout])
+    model = load_model(folder)
+    assert model.text_width == 16
+    diffs = []
+    for backend in ("onnxruntime", "torch"):
+        scorer = make_scorer(model, Runtime(batch_size=8, backend=backend), ScoreSettings(seeds=3),
+                             cache_dir=tmp_path / "cache")
+        assert scorer.settings.backend == backend
+        diffs.append(scorer.prompt_noise_diffs(scorer.embed([PROMPTS[0]])[0]))
+        scorer.close()
+    assert diffs[0].shape == diffs[1].shape and torch.allclose(diffs[0], diffs[1], atol=1e-4)
+    if layout == "per-block cross-attention widths":
+        from nemo_surgery.export.onnx import export_unet
+
+        export_unet(folder, tmp_path / "onnx")
+        assert (tmp_path / "onnx" / "unet" / "model.onnx").is_file()
+
+
 def test_results_resume_and_refuse_changed_settings(tiny, tmp_path):
     _, model, engine, ref, corpus_path = tiny
     force_memorized(engine)

@@ -97,7 +97,8 @@ def test_missing_part_and_corrupt_weights(tmp_path, tiny_dir):
 
 def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
     """An SDXL-style UNet (added text/size conditions), a UNet whose cross-attention width is not
-    the text encoder's, an inpainting-style UNet, a VAE of other latent channels, a text encoder
+    the text encoder's, an inpainting-style UNet, a UNet with dual cross-attention (whose blocks
+    diffusers' own forward cannot run), a VAE of other latent channels, a text encoder
     shorter than the tokenizer's context: one line naming it when the model is loaded, not a shape error
     mid-run."""
     import shutil
@@ -105,6 +106,7 @@ def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     inpaint = UNet2DConditionModel.from_config({**tiny_unet("sd1").config, "in_channels": 9})
+    dual = tiny_unet("sd1", config={"dual_cross_attention": True})
     short = CLIPTextConfig.from_pretrained(tiny_dir / "text_encoder")
     short.max_position_embeddings = 64
     vae = AutoencoderKL.from_config({**AutoencoderKL.load_config(tiny_dir / "vae"), "latent_channels": 3})
@@ -112,6 +114,7 @@ def test_parts_that_do_not_fit_are_refused(tmp_path, tiny_dir):
             ("xl", "unet", tiny_unet("sdxl"), "addition_embed_type='text_time'"),
             ("mixed", "unet", tiny_unet("sd1", text_dim=24), r"text encoder's width \(16\).*width \(24\)"),
             ("inpaint", "unet", inpaint, "takes 9 input channels and predicts 4"),
+            ("dual", "unet", dual, "dual cross-attention"),
             ("vae", "vae", vae, "VAE's 3 latent channels do not match the UNet's 4"),
             ("short", "text_encoder", CLIPTextModel(short), "pads prompts to 77 tokens but the text encoder holds 64")):
         d = tmp_path / name

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from nemo_surgery.errors import NemoError
 from nemo_surgery.plan import Plan
 from nemo_surgery.surgery.apply import apply_plan
 from nemo_surgery.surgery.convert import to_single_file
-from nemo_surgery.surgery.keymap import diffusers_to_ldm
+from nemo_surgery.surgery.keymap import diffusers_to_ldm, layers_per_block_of
 from tiny import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="demo model not trained")
@@ -120,7 +121,6 @@ def test_single_file_of_other_blocks_per_level(tmp_path, layers):
     downsampler sits) decide which module path each value weight is, so a plan made on the
     folder zeroes the same rows in the file, and verification reads them back."""
     from nemo_surgery.model import load_model
-    from nemo_surgery.surgery.keymap import layers_per_block_of
     from nemo_surgery.surgery.verify import check_weights
     from tiny import save_tiny_pipeline
 
@@ -143,3 +143,22 @@ def test_single_file_of_other_blocks_per_level(tmp_path, layers):
             assert torch.equal(before, after)
     check = check_weights(single, cleaned, plan)
     assert check.ok and check.rows_zeroed == 3, check.problems
+
+
+def test_layers_per_block_that_differ_per_level_stay_a_folder(tmp_path):
+    """diffusers takes one number of layers per level; the LDM layout numbers its slots with one
+    count for all levels, so such a folder is refused as a single file in one line naming it, and
+    nothing is left behind. A per-level tuple of one count converts like the plain number."""
+    from nemo_surgery.model import load_model
+    from tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "m", config={"layers_per_block": (1, 2, 2, 1)})
+    model = load_model(folder)
+    plan = Plan(layers={model.value_layers[0].path: [0]}, model={"value_digest": model.value_digest})
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(NemoError, match=r"m/unet: .*layers_per_block=\(1, 2, 2, 1\).*diffusers folder"):
+        apply_plan(plan, folder, out, fmt="single")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    even = save_tiny_pipeline(tmp_path / "even", config={"layers_per_block": (2, 2, 2, 2)})
+    with safe_open(str(to_single_file(even, tmp_path / "even.safetensors")), "pt") as f:
+        assert layers_per_block_of(list(f.keys())) == 2

@@ -16,15 +16,18 @@ SD1_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
 
 
 def tiny_unet(kind: str = "sd1", seed: int = 0, text_dim: int = 16, sample_size: int = 16,
-              widths: tuple[int, ...] = (8, 16, 16, 16), head_dim: int = 2, layers: int = 2) -> UNet2DConditionModel:
+              widths: tuple[int, ...] = (8, 16, 16, 16), head_dim: int = 2, layers: int = 2,
+              config: dict | None = None) -> UNet2DConditionModel:
+    """`config`: further UNet2DConditionModel arguments of an "sd1" UNet, overriding the above."""
     torch.manual_seed(seed)
     if kind == "sd1":
-        return UNet2DConditionModel(
-            sample_size=sample_size, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=widths, layers_per_block=layers, cross_attention_dim=text_dim,
-            attention_head_dim=head_dim, norm_num_groups=4)
+        return UNet2DConditionModel(**{
+            **dict(sample_size=sample_size, in_channels=4, out_channels=4,
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                   block_out_channels=widths, layers_per_block=layers, cross_attention_dim=text_dim,
+                   attention_head_dim=head_dim, norm_num_groups=4),
+            **(config or {})})
     if kind == "sd2":  # 1024-d text, linear projections, per-block head dims
         return UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4,
@@ -49,7 +52,7 @@ def save_tiny_pipeline(path: Path, seed: int = 0, dtype: torch.dtype = torch.flo
     """A complete SD 1.x-layout diffusers folder (random weights) that loads with
     StableDiffusionPipeline.from_pretrained; tokenizer borrowed from the bundled demo, padding to
     `context` tokens (CLIP's 77 by default). `unet`: `tiny_unet`'s shape arguments (sample_size,
-    widths, head_dim, layers per block)."""
+    widths, head_dim, layers per block, config)."""
     tok = CLIPTokenizer.from_pretrained(DEMO_MODEL / "tokenizer", model_max_length=context)
     torch.manual_seed(seed)
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=text_dim, intermediate_size=2 * text_dim,

@@ -148,7 +148,7 @@ def torch_prefix(model: Model, autocast: torch.dtype | None,
         cfg, n, dev, dt = model.unet.config, model.latent_size, model.device, model.unet.dtype
         inputs = {"sample": torch.randn(2, cfg.in_channels, n, n, generator=g).to(dev, dt),
                   "timestep": torch.tensor([981, 981], device=dev),
-                  "encoder_hidden_states": torch.randn(2, model.context, cfg.cross_attention_dim, generator=g).to(dev, dt)}
+                  "encoder_hidden_states": torch.randn(2, model.context, model.text_width, generator=g).to(dev, dt)}
         for li, v in enumerate(model.value_layers):
             inputs[f"mask_{li}"] = (torch.rand(2, v.out_features, generator=g) > 0.3).float().to(dev)
         tol = (1e-4, 1e-5) if autocast is None and dt == torch.float32 else (2e-2, 2e-2)

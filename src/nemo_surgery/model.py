@@ -176,6 +176,12 @@ class Model:
         return int(self.tokenizer.model_max_length) if self.tokenizer is not None else CONTEXT
 
     @property
+    def text_width(self) -> int:
+        """Width of the prompt embedding every `to_v` reads: the text encoder's, which `check_parts`
+        holds equal to the UNet's cross-attention width (one number, or one per block)."""
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
     def latent_size(self) -> int:
         s = self.unet.config.sample_size
         return int(s if isinstance(s, int) else s[0])
@@ -305,6 +311,13 @@ def _load_single_file(path: Path, config: Path | None, with_vae: bool) -> tuple:
 CONTEXT = 77  # CLIP's context, Stable Diffusion's; a model's own is its tokenizer's (`Model.context`)
 
 
+def cross_attention_widths(unet_config: Any) -> set[int]:
+    """The text widths the UNet's cross-attention blocks read: diffusers takes one number or one
+    per block."""
+    cross = unet_config.get("cross_attention_dim")
+    return set(cross) if isinstance(cross, (list, tuple)) else {cross}
+
+
 def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any | None) -> None:
     """The parts must fit together as a text-to-image SD 1.x/2.x model, as NeMo's signals assume:
     the UNet conditioned on this text encoder's output alone (an SDXL-style UNet also takes pooled
@@ -316,9 +329,12 @@ def check_parts(path: Path, unet_config: Any, text_config: Any, vae_config: Any 
         what = ", ".join(f"{k}={v!r}" for k, v in extra.items())
         raise NemoError(f"{path}: the UNet takes conditioning besides the text embedding ({what}, as SDXL does); "
                         f"nemo-surgery handles UNets conditioned on one text encoder (SD 1.x/2.x layouts)")
+    if unet_config.get("dual_cross_attention"):
+        raise NemoError(f"{path}: the UNet has dual cross-attention (two text streams per block, as Versatile "
+                        f"Diffusion does); nemo-surgery handles UNets conditioned on one text encoder "
+                        f"(SD 1.x/2.x layouts)")
     width = text_config.hidden_size
-    cross = unet_config.get("cross_attention_dim")
-    widths = set(cross) if isinstance(cross, (list, tuple)) else {cross}
+    widths = cross_attention_widths(unet_config)
     if widths != {width}:
         raise NemoError(f"{path}: the text encoder's width ({width}) does not match the UNet's cross-attention "
                         f"width ({', '.join(map(str, sorted(widths)))}): the parts come from different models")

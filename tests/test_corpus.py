@@ -195,6 +195,23 @@ def test_training_images(tmp_path: Path) -> None:
     assert [p.image for p in corpus.prompts] == [(tmp_path / "images" / "0.png").resolve(), None]
 
 
+def test_windows_separators_in_image_paths(tmp_path: Path) -> None:
+    """A corpus written on Windows names `images\\0.png`: read as `images/0.png`, unless a file of
+    that very name (a backslash is legal in a POSIX name) exists; `..\\` still counts as leaving the
+    folder."""
+    (tmp_path / "images").mkdir()
+    write(tmp_path / "images" / "0.png", b"x")
+    write(tmp_path / "a\\b.png", b"y")
+    write(tmp_path / "outside.png", b"z")
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "mem.csv", "prompt,image\none,images\\0.png\ntwo,a\\b.png\n")
+    assert [p.image for p in read_corpus(path).prompts] == [(tmp_path / "images" / "0.png").resolve(),
+                                                             (tmp_path / "a\\b.png").resolve()]
+    up = write(tmp_path / "sub" / "mem.csv", "prompt,image\none,..\\outside.png\n")
+    with pytest.raises(NemoError, match="resolves outside the corpus folder"):
+        read_corpus(up)
+
+
 def test_outside_image_allowed_when_asked(tmp_path: Path) -> None:
     outside = write(tmp_path / "outside.png", b"x")
     (tmp_path / "corpus").mkdir()

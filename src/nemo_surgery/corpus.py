@@ -413,7 +413,12 @@ def _check_image(value: Any, src: _Source, line: int) -> Path | None:
         raise src.error(f"image must be a path string, got {_json_type(value)}", line)
     name = value.strip()
     try:
-        resolved = Path(os.path.realpath(src.folder / name))
+        rel = name
+        if "\\" in rel and not os.path.lexists(src.folder / rel):
+            # A corpus written on Windows names `images\a.png`; a backslash is a legal character
+            # of a POSIX file name, so it is read as a separator only where no such file exists.
+            rel = rel.replace("\\", "/")
+        resolved = Path(os.path.realpath(src.folder / rel))
         inside = resolved.is_relative_to(src.folder)
         is_file = resolved.is_file()
     except (OSError, ValueError, RuntimeError) as e:

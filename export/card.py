@@ -14,7 +14,7 @@ from typing import Any
 
 from ..files import write_text_atomic
 from .records import (BY_TYPE_HEADER, PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo, as_float,
-                      by_type_rows, detection_rows, flatten, fmt, neurons_of, pct, releasable_text, removal_text,
+                      by_type_rows, detection_rows, fmt, neurons_of, pct, releasable_text, removal_text,
                       section, verification_rows)
 
 TAGS = ("stable-diffusion", "text-to-image", "nemo-surgery", "memorization-removal")
@@ -146,7 +146,7 @@ def _settings(info: ReleaseInfo) -> list[str]:
         rows.append(["theta_mem (memorization threshold)", theta])
     if "min_mitigated" in info.verify:
         rows.append(["min share mitigated for release", info.verify["min_mitigated"]])
-    rows += [[k, v] for k, v in flatten(info.plan.get("settings") or {})]
+    rows += [[k, v] for k, v in info.settings_rows()]
     if not rows:
         return lines + ["No settings recorded.", ""]
     return lines + _table(["Setting", "Value"], rows)
@@ -304,17 +304,7 @@ LIMITATIONS = [
 
 
 def _provenance(info: ReleaseInfo) -> list[str]:
-    seeds = info.seeds()
-    c = info.corpus()
-    rows = [["tool", f"nemo-surgery {info.tool_version}"],
-            ["input model", info.model_name],
-            ["input model fingerprint", info.model_fingerprint],
-            ["plan sha256", info.plan_sha256],
-            ["corpus sha256", str(c.get("sha256") or "n/a")],
-            ["seeds", ", ".join(str(s) for s in seeds) if seeds is not None else "n/a"]]
-    if info.verify.get("cleaned_fingerprint"):
-        rows.insert(3, ["output model fingerprint", str(info.verify["cleaned_fingerprint"])])
-    return ["## Provenance", ""] + _table(["", ""], rows)
+    return ["## Provenance", ""] + _table(["", ""], info.provenance_rows())
 
 
 def render_model_card(info: ReleaseInfo) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ..provenance import libraries_text
+
 PAPER_TITLE = "Finding NeMo: Localizing Neurons Responsible For Memorization in Diffusion Models"
 PAPER_AUTHORS = "Dominik Hintersdorf, Lukas Struppek, Kristian Kersting, Adam Dziedzic, Franziska Boenisch"
 PAPER_VENUE = "NeurIPS 2024"
@@ -94,6 +96,47 @@ class ReleaseInfo:
             base = int(score.get("seed_base", 0) or 0)
             return list(range(base, base + score["seeds"]))
         return None
+
+    def settings_rows(self) -> list[tuple[str, str]]:
+        """The plan's settings as dotted rows. Calibration scores with the search's own settings
+        plus a few of its own, so its copies of them are not listed twice; its tool record goes to
+        the provenance."""
+        rows = [(k, v) for k, v in flatten(self.plan.get("settings") or {}) if not k.startswith("calibration.tool.")]
+        search = dict(rows)
+        inner = "calibration.score_settings."
+        same = {k for k, v in rows if k.startswith(inner) and search.get("score." + k[len(inner):]) == v}
+        kept = [(k, v) for k, v in rows if k not in same]
+        return sorted(kept + [(inner + "*", "as score.* where not listed")] if same else kept)
+
+    def libraries(self) -> list[tuple[str, dict]]:
+        """(stage, library versions) of the runs behind the bundle: one entry where the
+        calibration, the localization and the verification ran on the same software."""
+        calibration = ((self.plan.get("settings") or {}).get("calibration") or {}).get("tool")
+        stages = [("calibration", calibration), ("localization", self.plan.get("tool")),
+                  ("verification", self.verify.get("tool"))]
+        out: list[tuple[str, dict]] = []
+        for stage, tool in stages:
+            libs = tool.get("libraries") if isinstance(tool, dict) else None
+            if isinstance(libs, dict) and libs and all(libs != seen for _, seen in out):
+                out.append((stage, libs))
+        return out
+
+    def provenance_rows(self) -> list[list[str]]:
+        seeds = self.seeds()
+        rows = [["tool", f"nemo-surgery {self.tool_version}"],
+                ["input model", self.model_name],
+                ["input model fingerprint", self.model_fingerprint]]
+        if self.verify.get("cleaned_fingerprint"):
+            rows.append(["output model fingerprint", str(self.verify["cleaned_fingerprint"])])
+        rows += [["plan sha256", self.plan_sha256],
+                 ["corpus sha256", str(self.corpus().get("sha256") or "n/a")],
+                 ["seeds", ", ".join(str(s) for s in seeds) if seeds is not None else "n/a"]]
+        libs = self.libraries()
+        if len(libs) == 1:
+            rows.append(["libraries", libraries_text(libs[0][1])])
+        for stage, versions in libs if len(libs) > 1 else ():
+            rows.append([f"libraries ({stage})", libraries_text(versions)])
+        return rows
 
     def audit_rows(self) -> list[tuple[Any, float | None, float | None, float | None, float | None]]:
         """(budget, cleaned, original, random perturbation, never-trained) re-trigger rates in the

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..files import write_text_atomic
 from .records import (BY_TYPE_HEADER, PAPER_ARXIV, PAPER_AUTHORS, PAPER_TITLE, PAPER_VENUE, ReleaseInfo,
-                      by_type_rows, detection_rows, flatten, floats, fmt, neurons_of, pct, releasable_text,
+                      by_type_rows, detection_rows, floats, fmt, neurons_of, pct, releasable_text,
                       removal_text, section, short_layer, verification_rows)
 
 MIN_IMAGE_PX = 128  # small generations are enlarged (nearest neighbour) to at least this size
@@ -401,11 +401,7 @@ def render_report(info: ReleaseInfo) -> str:
                           "Neurons zeroed per layer", full_labels=names)
     per_prompt = histogram(info.neurons_per_prompt(), "Neurons per memorized prompt",
                            "neurons in the prompt's refined set")
-    settings = flatten(info.plan.get("settings") or {})
-    seeds = info.seeds()
-    prov = [["tool", f"nemo-surgery {info.tool_version}"], ["input model fingerprint", info.model_fingerprint],
-            ["plan sha256", info.plan_sha256], ["corpus sha256", str(info.corpus().get("sha256") or "n/a")],
-            ["seeds", ", ".join(str(s) for s in seeds) if seeds is not None else "n/a"]]
+    settings = info.settings_rows()
     body = [
         f"<h1>{_e(info.model_name)}: memorization neurons removed (NeMo)</h1>",
         _summary(info),
@@ -420,7 +416,7 @@ def render_report(info: ReleaseInfo) -> str:
         "<h2>Adversarial re-trigger audit</h2>", _audit(info), _hardening(info),
         "<h2>Per-prompt results</h2>", _results_table(info),
         "<h2>Settings</h2>", _table(["setting", "value"], settings) if settings else "<p>None recorded.</p>",
-        "<h2>Provenance</h2>", _table(["", ""], prov),
+        "<h2>Provenance</h2>", _table(["", ""], info.provenance_rows()),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -18,11 +18,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
 from ..corpus import evenly_spaced
 from ..errors import NemoError
 from ..files import atomic_dir, canonical_json, sha256_bytes
 from ..model import Model, unet_digest
+from ..provenance import tool_record
 from .score import Scorer, value_activations
 from .settings import CALIBRATION_SCORE_PROMPTS, THETA_MEM_STD
 
@@ -42,7 +42,7 @@ class Calibration:
     reference_scores: list[float]
     score_settings: dict
     seconds: float = 0.0
-    tool: dict = field(default_factory=lambda: {"name": "nemo-surgery", "version": __version__})
+    tool: dict = field(default_factory=tool_record)
     theta_mem_given: bool = False  # True: theta_mem set by the user (--theta-mem), not mean + 1 std
 
     def z(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

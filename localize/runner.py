@@ -18,6 +18,7 @@ from ..corpus import Corpus, Prompt
 from ..errors import NemoError
 from ..files import append_jsonl, canonical_json, read_jsonl, sha256_bytes
 from ..model import Model, ValueLayer
+from ..provenance import libraries
 from .calibrate import Calibration
 from .detect import detect
 from .score import Scorer
@@ -116,7 +117,8 @@ def open_journal(path: Path, config: dict, fmt: str) -> tuple[dict[str, dict], b
 
 
 def make_header(config: dict, fmt: str = RESULTS_FORMAT) -> dict:
-    return {"kind": "header", "format": fmt, "version": 1, "tool": __version__,
+    # The libraries are recorded, not part of the config: a resumed file keeps the first run's.
+    return {"kind": "header", "format": fmt, "version": 1, "tool": __version__, "libraries": libraries(),
             "config": config, "config_sha256": sha256_bytes(canonical_json(config).encode())}
 
 

@@ -34,7 +34,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .. import __version__
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, write_json_atomic
@@ -43,6 +42,7 @@ from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, genera
 from ..localize.runner import make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
+from ..provenance import tool_record
 
 AUDIT_FORMAT = "nemo-surgery-audit"
 BUDGETS = (0.05, 0.1, 0.2)
@@ -421,7 +421,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
             examples.append((f"{tid}: {label}", x[:1], x[1:]))
     records = [done[t.id] for t in targets]
     summary = summarize(records, settings)
-    audit = {"format": AUDIT_FORMAT, "version": 1, "tool": {"name": "nemo-surgery", "version": __version__},
+    audit = {"format": AUDIT_FORMAT, "version": 1, "tool": tool_record(),
              **summary, "settings": settings.to_dict(), "theta_mem": theta_mem,
              "original_fingerprint": original.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
              "corpus_sha256": corpus_sha256, "seconds": round(time.time() - t0, 1), "targets": records}

@@ -27,6 +27,7 @@ from ..files import append_jsonl, canonical_json, sha256_bytes
 from ..localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from ..localize.runner import Engine, describe, make_header, open_results, process_embedding, records_digest
 from ..plan import Plan
+from ..provenance import tool_record
 from .audit import load_adversarial
 
 HARDEN_FORMAT = "nemo-surgery-harden"
@@ -178,7 +179,8 @@ def harden(engine: Engine, corpus, records: list[dict], first: Evaluation,
             reason = why
             break
         kept = ev
-    record = {"format": HARDEN_FORMAT, "version": 1, "settings": settings.to_dict(), "rounds": rows,
+    record = {"format": HARDEN_FORMAT, "version": 1, "tool": tool_record(), "settings": settings.to_dict(),
+              "rounds": rows,
               "kept_round": 0 if kept is first else kept.plan.settings["harden"]["round"],
               "stopped": reason,
               "adversarial_records": [{k: v for k, v in x.items() if k != "seconds"} for x in extra_records]}

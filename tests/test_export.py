@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -272,6 +273,63 @@ def test_card_and_report_give_reproductions_by_prompt_type(tmp_path: Path) -> No
     assert "<p>By prompt type:</p>" in report and "<td>88.9% removed</td>" in report
     write_model_card(tmp_path / "untyped.md", _info())
     assert "| type | prompts |" not in (tmp_path / "untyped.md").read_text(encoding="utf-8")
+
+
+def test_card_and_report_name_the_software_and_list_settings_once(tmp_path: Path) -> None:
+    """Provenance names the library versions each stage ran on (one row where they agree); the
+    calibration's copies of the search's score settings are not listed twice, its own are."""
+    libs = {"python": "3.12.1", "torch": "2.13.0+cpu", "diffusers": "0.42.1"}
+    score = {"seeds": 4, "seed_base": 10, "guidance": 0.0, "backend": "onnxruntime"}
+    base = _info().plan
+    settings = base["settings"] | {"score": score, "calibration": {
+        "score_settings": score | {"backend": "torch", "score_prompts": 256},
+        "tool": {"name": "nemo-surgery", "version": "0.1.0", "libraries": libs}}}
+    plan = base | {"settings": settings, "tool": {"name": "nemo-surgery", "version": "0.1.0", "libraries": libs}}
+    verify = _info().verify | {"tool": {"name": "nemo-surgery", "version": "0.1.0", "libraries": libs}}
+    write_model_card(tmp_path / "same.md", _info(plan=plan, verify=verify))
+    text = (tmp_path / "same.md").read_text(encoding="utf-8")
+    assert "| libraries | python 3.12.1, torch 2.13.0+cpu, diffusers 0.42.1 |" in text
+    assert "libraries (" not in text and "calibration.tool" not in text
+    assert "| calibration.score_settings.backend | torch |" in text  # differs from the search's: listed
+    assert "| calibration.score_settings.score_prompts | 256 |" in text  # the calibration's own
+    assert "| calibration.score_settings.* | as score.* where not listed |" in text
+    assert "calibration.score_settings.seeds" not in text and "| score.seeds | 4 |" in text
+    # Verification run on other software than the localization: each stage gets its row.
+    later = libs | {"torch": "2.14.0+cpu"}
+    verify = verify | {"tool": {"name": "nemo-surgery", "version": "0.1.0", "libraries": later}}
+    write_model_card(tmp_path / "other.md", _info(plan=plan, verify=verify))
+    other = (tmp_path / "other.md").read_text(encoding="utf-8")
+    assert "| libraries (calibration) | python 3.12.1, torch 2.13.0+cpu, diffusers 0.42.1 |" in other
+    assert "| libraries (verification) | python 3.12.1, torch 2.14.0+cpu, diffusers 0.42.1 |" in other
+    assert "libraries (localization)" not in other  # the same as the calibration's
+    write_report(tmp_path / "other.html", _info(plan=plan, verify=verify))
+    report = (tmp_path / "other.html").read_text(encoding="utf-8")
+    assert "torch 2.14.0+cpu" in report and "calibration.score_settings.seeds" not in report
+    assert "<td>input model</td><td>tiny-sd</td>" in report  # the card's provenance, now the report's too
+    # A bundle written before versions were recorded: no row, no error.
+    write_model_card(tmp_path / "old.md", _info())
+    assert "| libraries" not in (tmp_path / "old.md").read_text(encoding="utf-8")
+
+
+def test_outputs_record_the_library_versions(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    from nemo_surgery.localize.runner import make_header, open_results
+    from nemo_surgery.plan import Plan
+    from nemo_surgery.provenance import tool_record
+
+    torch_version = version("torch")
+    assert tool_record()["libraries"]["torch"] == torch_version
+    assert tool_record()["libraries"]["diffusers"] == version("diffusers")
+    read_back = Plan.from_dict(json.loads(json.dumps(Plan(layers={LAYER_A: [1]}).to_dict())))
+    assert read_back.tool["libraries"]["torch"] == torch_version
+    header = make_header({"mode": "x"})
+    assert header["libraries"]["onnxruntime"] == version("onnxruntime")
+    # Recorded, not part of the config: a file begun on other versions still resumes.
+    older = header | {"libraries": header["libraries"] | {"torch": "0.0.1"}}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(older) + "\n" + json.dumps({"kind": "prompt", "id": "a"}) + "\n")
+    assert list(open_results(results, make_header({"mode": "x"}), restart=False)) == ["a"]
 
 
 def test_card_prompts_only_when_included(tmp_path: Path) -> None:

@@ -24,15 +24,16 @@ from . import __version__
 from .corpus import evenly_spaced, read_corpus
 from .engine import Runtime, make_engine, open_model
 from .errors import NemoError
-from .generation import GenSettings
 from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
+from .generation import GenSettings
 from .localize.detect import detection_summary, detection_text
-from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.distributed import RaySettings, ray_stream
+from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.runner import records_digest, run_corpus, unmet_criterion_note
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
 from .plan import Plan
+from .provenance import tool_record
 from .surgery.audit import AuditSettings, audited, pct
 from .surgery.harden import HardenSettings
 
@@ -259,7 +260,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
               **({"preservation": kept} if kept else {}),
               "seeds": list(range(opts.score.seed_base, opts.score.seed_base + opts.score.seeds)),
               "model_fingerprint": model.fingerprint, "cleaned_fingerprint": cleaned.fingerprint,
-              "tool": {"name": "nemo-surgery", "version": __version__}}
+              "tool": tool_record()}
     stage("verify" + tag, f"weights {'ok' if weights.ok else 'FAILED'}, masked==zeroed "
           f"{'exact' if equiv['exact'] else 'max diff ' + format(equiv['max_abs_diff'], '.2e')}, "
           f"{mem_v['mitigated']}/{mem_v['prompts']} memorized prompts mitigated"

@@ -19,6 +19,7 @@ import click
 from . import __version__
 from .errors import NemoError
 from .files import check_apart, output_path
+from .provenance import tool_record
 
 
 def log(msg: str) -> None:
@@ -493,7 +494,7 @@ def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_s
                            log=log, work=work)
     result |= {"plan_sha256": plan.sha256(), "corpus_sha256": c.sha256, "reference_sha256": ref_corpus.sha256,
                "model_fingerprint": original.fingerprint,
-               "tool": {"name": "nemo-surgery", "version": __version__}}
+               "tool": tool_record()}
     write_json_atomic(out, result)
     shutil.rmtree(work, ignore_errors=True)
     log(f"written: {out}")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import NemoError
 from .files import canonical_json, sha256_bytes, write_json_atomic
+from .provenance import tool_record
 
 PLAN_FORMAT = "nemo-surgery-plan"
 PLAN_VERSION = 1
@@ -34,7 +34,7 @@ class Plan:
     model: dict[str, Any] = field(default_factory=dict)
     corpus: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    tool: dict[str, Any] = field(default_factory=lambda: {"name": "nemo-surgery", "version": __version__})
+    tool: dict[str, Any] = field(default_factory=tool_record)
     check: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,49 @@
+"""What produced an output: the tool's version and the versions of the libraries its figures
+depend on.
+
+Results are deterministic for a seed only on the same software: torch, onnxruntime and their
+kernels fix the float noise in which some search decisions sit (docs/method.md), diffusers and
+transformers the model's forward and the tokenizer. Every output a user keeps (plan, calibration,
+results, verification, audit, hardening, curve, card, report) records them, so that a rerun
+that differs can be told apart from one that should not.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from . import __version__
+
+TOOL_NAME = "nemo-surgery"
+# Distribution names, in the order a reader looks for them.
+LIBRARIES = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "numpy", "onnxruntime",
+             "onnx", "onnxslim", "torchmetrics", "scikit-image")
+
+
+@functools.cache
+def libraries() -> dict[str, str]:
+    """Python and the installed version of each library in LIBRARIES (those not installed left
+    out), read from package metadata without importing anything."""
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def tool_record() -> dict[str, Any]:
+    """The `tool` entry of every JSON output."""
+    return {"name": TOOL_NAME, "version": __version__, "libraries": dict(libraries())}
+
+
+def libraries_text(libs: Any) -> str:
+    """`python 3.12.3, torch 2.13.0+cpu, ...` for a card or report; "n/a" for an output written
+    before versions were recorded."""
+    if not isinstance(libs, dict) or not libs:
+        return "n/a"
+    return ", ".join(f"{k} {v}" for k, v in libs.items())

@@ -6,6 +6,7 @@ appended per prompt as soon as it is done, resumable, refusing to mix settings.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,20 @@ def open_journal(path: Path, config: dict, fmt: str) -> tuple[dict[str, dict], b
         return open_results(path, header, restart=True, fmt=fmt), True
 
 
+def libraries_changed(path: Path, header: dict) -> str:
+    """What a resumed file's first run ran on that this run does not ("" where nothing differs):
+    the records go on mixing both, which can move decisions within float noise of a bar."""
+    with open(path, "rb") as f:
+        old = json.loads(f.readline()).get("libraries") or {}
+    new = header.get("libraries") or {}
+    changed = [f"{k} {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)]
+    if not old or not changed:
+        return ""
+    return (f"; begun on other library versions ({', '.join(changed)}): decisions within float noise of a bar "
+            f"may differ from those a run on one version takes")
+
+
 def make_header(config: dict, fmt: str = RESULTS_FORMAT) -> dict:
     # The libraries are recorded, not part of the config: a resumed file keeps the first run's.
     return {"kind": "header", "format": fmt, "version": 1, "tool": __version__, "libraries": libraries(),
@@ -130,7 +145,8 @@ def run_corpus(engine: Engine, corpus: Corpus, results: Path, *, localize: bool 
     done = open_results(results, header, restart)
     todo = [p for p in corpus.prompts if p.id not in done]
     if done:
-        log(f"resuming: {len(done)} of {len(corpus.prompts)} prompts already done in {results}")
+        log(f"resuming: {len(done)} of {len(corpus.prompts)} prompts already done in {results}"
+            + libraries_changed(results, header))
     n = len(corpus.prompts)
     stream = worker(todo) if worker else (process_prompt(engine, p, localize) for p in todo)
     for rec in stream:

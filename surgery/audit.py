@@ -39,7 +39,7 @@ from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, write_json_atomic
 from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, generate_embeddings, image_size,
                           load_image, nearest_share, ssim)
-from ..localize.runner import make_header, open_results
+from ..localize.runner import libraries_changed, make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
 from ..provenance import tool_record
@@ -386,9 +386,11 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
               "targets": [[t.id, t.prompt, t.source] for t in targets], "candidates": sorted(candidates),
               "settings": settings.to_dict(),
               "theta_mem": theta_mem}
-    done = open_results(results, make_header(config, AUDIT_FORMAT), restart, fmt=AUDIT_FORMAT)
+    header = make_header(config, AUDIT_FORMAT)
+    done = open_results(results, header, restart, fmt=AUDIT_FORMAT)
     if done:
-        log(f"audit: resuming, {len(done)} of {len(targets)} targets already done in {results}")
+        log(f"audit: resuming, {len(done)} of {len(targets)} targets already done in {results}"
+            + libraries_changed(results, header))
     shown = [t.id for t in targets if t.role == "memorized"][:EXAMPLES] if pictures is not None else []
     for t in targets:
         if t.id in done:

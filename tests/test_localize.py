@@ -556,10 +556,19 @@ def test_results_resume_and_refuse_changed_settings(tiny, tmp_path):
     lines = out.read_text().splitlines()
     # a crash after the first prompt, in the middle of writing the second record
     out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
-    resumed = run_corpus(engine, corpus, out)
+    said: list[str] = []
+    resumed = run_corpus(engine, corpus, out, log=said.append)
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["kind"] for r in recs] == ["header", "prompt", "prompt"]
     assert [r["refined"] for r in resumed] == [r["refined"] for r in full]
+    assert said[0].startswith("resuming: 1 of 2") and "library versions" not in said[0]
+    # Begun on another torch: the resume goes on and says what differs.
+    torch_now = recs[0]["libraries"]["torch"]
+    recs[0]["libraries"] |= {"torch": "0.0.1"}
+    out.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[1]) + "\n")
+    said.clear()
+    run_corpus(engine, corpus, out, log=said.append)
+    assert f"begun on other library versions (torch 0.0.1 -> {torch_now})" in said[0], said[0]
     other = dataclasses.replace(engine, search=SearchSettings(theta_act_start=4.0))
     with pytest.raises(NemoError, match="other settings"):
         run_corpus(other, corpus, out)

@@ -213,7 +213,7 @@ def test_build_refuses_a_checkpoint_it_could_not_edit_before_any_work(tmp_path, 
 
 def test_build_restart_discards_the_earlier_runs_work(tmp_path, tiny_model):
     """`--restart` starts over: every journal of the earlier run in DIR.work goes (some key on the
-    model's fingerprint only), the cache stays. Without it they are kept for resuming."""
+    model's fingerprint only); the cache, outside it, stays. Without it they are kept for resuming."""
     import shutil
 
     m = tmp_path / "two_sets"  # refused after the work folder is prepared: the test needs no full build
@@ -222,15 +222,17 @@ def test_build_restart_discards_the_earlier_runs_work(tmp_path, tiny_model):
     ref = tmp_path / "ref.txt"
     ref.write_text("a red circle\na blue square\n")
     work = tmp_path / "o.work"
-    (work / "cache").mkdir(parents=True)
-    (work / "cache" / "kept").write_text("x")
-    (work / "verify-images").mkdir()
+    (work / "verify-images").mkdir(parents=True)
     (work / "verify.jsonl").write_text("{}\n")
-    args = ["build", "--model", str(m), "--corpus", str(ref), "--reference", str(ref), "--out", str(tmp_path / "o")]
+    cache = tmp_path / "cache"
+    (cache / "calibration").mkdir(parents=True)
+    (cache / "calibration" / "kept").write_text("x")
+    args = ["build", "--model", str(m), "--corpus", str(ref), "--reference", str(ref), "--out", str(tmp_path / "o"),
+            "--cache-dir", str(cache)]
     assert_clean_error(run(*args), "more than one UNet weight file")
-    assert sorted(p.name for p in work.iterdir()) == ["cache", "verify-images", "verify.jsonl"]
+    assert sorted(p.name for p in work.iterdir()) == ["verify-images", "verify.jsonl"]
     assert_clean_error(run(*args, "--restart"), "more than one UNet weight file")
-    assert [p.name for p in work.iterdir()] == ["cache"] and (work / "cache" / "kept").exists()
+    assert list(work.iterdir()) == [] and (cache / "calibration" / "kept").exists()
 
 
 def test_bad_flags_end_in_one_line():

@@ -4,6 +4,8 @@ surgery."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -93,9 +95,12 @@ def test_build_from_a_single_file(tmp_path):
     out = tmp_path / "release"
     cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(single), "--model-config", str(DEMO_MODEL),
            "--corpus", str(data / "mem.csv"), "--reference", str(data / "reference.csv"), "--out", str(out),
-           "--cache-dir", str(tmp_path / "cache"), *CUT_DOWN_BUILD]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+           *CUT_DOWN_BUILD]
+    # No --cache-dir: build keeps its calibration where every command does, so the next build reuses it.
+    env = os.environ | {"NEMO_SURGERY_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "calibration").glob("*/calibration.json"))) == 1
     assert single.read_bytes() == before  # the input is only read
     cleaned = out / "model.safetensors"
     assert cleaned.is_file() and not (out / "model").exists()

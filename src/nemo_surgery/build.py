@@ -22,7 +22,7 @@ from typing import Callable
 
 from . import __version__
 from .corpus import evenly_spaced, read_corpus
-from .engine import Runtime, make_engine, open_model
+from .engine import Runtime, default_cache_dir, make_engine, open_model
 from .errors import NemoError
 from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
 from .generation import GenSettings
@@ -109,10 +109,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     if opts.restart:
         # Start over: every journal of the earlier run goes. Some key on the model's fingerprint,
         # which a model differing only outside the value layers shares; the cache (calibration,
-        # ONNX exports) keys on every weight and stays.
+        # ONNX exports: outside DIR.work) keys on every weight and stays.
         for entry in work.iterdir():
-            if entry.name == "cache":
-                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -137,7 +135,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     check_checkpoint(opts.model)
     model = open_model(opts.model, opts.runtime)
     log(f"== model: {opts.model} ({len(model.value_layers)} value layers, fingerprint {model.fingerprint[:12]})")
-    cache = opts.cache_dir or work / "cache"
+    # The cache every command shares, so that a second build of the same model and reference
+    # (another corpus, other merge settings) reuses the calibration and the search graph.
+    cache = opts.cache_dir or default_cache_dir()
     engine = make_engine(model, opts.reference, opts.runtime, opts.score, opts.search, cache,
                          opts.calibration_prompts, log, opts.theta_mem)
     stage("calibrate", f"theta_mem {engine.calibration.theta_mem:.4f} from {engine.calibration.n_reference} prompts")

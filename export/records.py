@@ -134,8 +134,8 @@ class ReleaseInfo:
         libs = self.libraries()
         if len(libs) == 1:
             rows.append(["libraries", libraries_text(libs[0][1])])
-        for stage, versions in libs if len(libs) > 1 else ():
-            rows.append([f"libraries ({stage})", libraries_text(versions)])
+        else:
+            rows += [[f"libraries ({stage})", libraries_text(versions)] for stage, versions in libs]
         return rows
 
     def audit_rows(self) -> list[tuple[Any, float | None, float | None, float | None, float | None]]:

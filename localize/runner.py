@@ -133,7 +133,7 @@ def libraries_changed(path: Path, header: dict) -> str:
 
 def make_header(config: dict, fmt: str = RESULTS_FORMAT) -> dict:
     # The libraries are recorded, not part of the config: a resumed file keeps the first run's.
-    return {"kind": "header", "format": fmt, "version": 1, "tool": __version__, "libraries": dict(libraries()),
+    return {"kind": "header", "format": fmt, "version": 1, "tool": __version__, "libraries": libraries(),
             "config": config, "config_sha256": sha256_bytes(canonical_json(config).encode())}
 
 

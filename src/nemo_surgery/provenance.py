@@ -24,21 +24,26 @@ LIBRARIES = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", 
 
 
 @functools.cache
-def libraries() -> dict[str, str]:
-    """Python and the installed version of each library in LIBRARIES (those not installed left
-    out), read from package metadata without importing anything."""
-    out = {"python": platform.python_version()}
+def _installed() -> tuple[tuple[str, str], ...]:
+    out = [("python", platform.python_version())]
     for name in LIBRARIES:
         try:
-            out[name] = version(name)
+            out.append((name, version(name)))
         except PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
+
+
+def libraries() -> dict[str, str]:
+    """Python and the installed version of each library in LIBRARIES (those not installed left
+    out), read from package metadata once, without importing anything; a fresh dict each call,
+    so that no output's record can change another's."""
+    return dict(_installed())
 
 
 def tool_record() -> dict[str, Any]:
     """The `tool` entry of every JSON output."""
-    return {"name": TOOL_NAME, "version": __version__, "libraries": dict(libraries())}
+    return {"name": TOOL_NAME, "version": __version__, "libraries": libraries()}
 
 
 def libraries_text(libs: Any) -> str:

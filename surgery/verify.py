@@ -23,8 +23,9 @@ from safetensors import safe_open
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, sha256_file
-from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, generate, image_size,
-                          load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim)
+from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, from_uint8, generate,
+                          image_size, load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim,
+                          to_uint8)
 from ..localize.calibrate import score_bar
 from ..localize.detect import auroc
 from ..localize.merge import as_layers, most_needed
@@ -253,7 +254,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                   "control_seed": control_seed, "sampling": asdict(settings),
                   "prompts": [[p.id, p.text, sha256_file(p.image)] for p in with_img], "reference": list(reference),
                   "chunk_prompts": CHUNK_PROMPTS, "shown": sorted(shown), "reference_shown": REFERENCE_SHOWN,
-                  "keep": None if keep is None else sorted(keep)}
+                  "keep": None if keep is None else sorted(keep), "pixels": "uint8"}
         done = _open_journal(journal, config)
         if done:
             log(f"{stage}: resuming: {len(done)} of {-(-len(items) // CHUNK_PROMPTS)} chunks of prompts already "
@@ -344,16 +345,16 @@ def _original_images(original: Model, texts: list[str], settings: GenSettings, f
     from safetensors.numpy import load_file, save_file
 
     key = sha256_bytes(canonical_json({"model": original.fingerprint, "sampling": asdict(settings),
-                                       "texts": texts}).encode())
+                                       "texts": texts, "pixels": "uint8"}).encode())
     path = Path(folder) / f"original-{key[:24]}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["images"], True
+            return from_uint8(load_file(str(path))["images"]), True
         except Exception:  # noqa: BLE001 - a damaged copy is sampled again, as if it were not there
             pass
     images = generate(original, texts, settings)
     with atomic_path(path) as tmp:
-        save_file({"images": np.ascontiguousarray(images)}, str(tmp))
+        save_file({"images": to_uint8(images)}, str(tmp))
     return images, False
 
 
@@ -575,7 +576,7 @@ def _save_chunk_images(journal: Path, start: int, images: dict[str, np.ndarray])
     from safetensors.numpy import save_file
 
     with atomic_path(_images_dir(journal) / f"{start}.safetensors") as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in images.items()}, str(tmp))
+        save_file({k: to_uint8(v) for k, v in images.items()}, str(tmp))
 
 
 def _load_chunk_images(journal: Path, start: int) -> dict[str, np.ndarray]:
@@ -584,7 +585,7 @@ def _load_chunk_images(journal: Path, start: int) -> dict[str, np.ndarray]:
     path = _images_dir(journal) / f"{start}.safetensors"
     if not path.is_file():
         raise NemoError(f"{path}: images of a sampled chunk are missing; delete {journal} to sample again")
-    return load_file(str(path))
+    return {k: from_uint8(v) for k, v in load_file(str(path)).items()}
 
 
 def _appeared(rows: list[dict], what: str) -> int:

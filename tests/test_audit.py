@@ -254,6 +254,10 @@ def test_verification_sampling_resumes_from_its_journal(models, tmp_path, monkey
     assert first[0] == whole[0] and len(calls) == 3 * 3  # before, after, control for each chunk
     lines = journal.read_text().splitlines()
     assert len(lines) == 1 + 3
+    from safetensors.numpy import load_file
+
+    assert {v.dtype for f in (tmp_path / "work" / "verify-images").iterdir() for v in load_file(str(f)).values()} == {
+        np.dtype(np.uint8)}  # and read back bit for bit below
     journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # stopped while writing chunk 2
     resumed = run(journal)
     assert calls == [3, 3, 3, 2, 2, 2]  # chunks 2 and 3 only
@@ -291,6 +295,11 @@ def test_original_images_are_kept_and_reused(models, tmp_path, monkeypatch) -> N
     again, kept_now = verify._original_images(original, ["a red fox"], gs, tmp_path)
     assert len(calls) == 1 and np.array_equal(first, again) and again.dtype == first.dtype
     assert not was_kept and kept_now
+    # Kept as the 8-bit pixels sampling gives (a quarter of float32's bytes), read back exactly.
+    from safetensors.numpy import load_file
+
+    (stored,) = load_file(str(next(tmp_path.glob("original-*.safetensors")))).values()
+    assert stored.dtype == np.uint8 and np.array_equal(stored.astype(np.float32) / 255, first)
     verify._original_images(original, ["a red fox"], GenSettings(steps=3, seeds=(0, 1)), tmp_path)
     verify._original_images(original, ["a blue boat"], gs, tmp_path)
     assert len(calls) == 3

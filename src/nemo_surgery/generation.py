@@ -108,8 +108,8 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
 
 def as_8bit(images: np.ndarray) -> np.ndarray:
     """`images` rounded to the 8-bit pixels a user of the pipeline gets, as float32. Every
-    measure is taken on these, so a kept copy stored as uint8 (a quarter of the bytes: 3 MB an
-    image at 512 px in float32) reads back as exactly what sampling gave, and a resumed run
+    measure is taken on these, so a kept copy stored as uint8 (a quarter of float32's 3 MB an
+    image at 512 px) reads back as exactly what sampling gave, and a resumed run
     decides as a fresh one does."""
     return from_uint8(to_uint8(images))
 

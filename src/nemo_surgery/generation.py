@@ -125,7 +125,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise NemoError(f"{path}: not a readable image ({type(e).__name__})") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return from_uint8(np.asarray(img))
 
 
 @torch.no_grad()
@@ -143,9 +143,9 @@ def thumbnail(image: np.ndarray, px: int = NEAREST_PX) -> np.ndarray:
     if max(h, w) <= px:
         return image
     f = px / max(h, w)
-    img = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
-    small = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
+    small = Image.fromarray(to_uint8(image)).resize((max(1, round(w * f)), max(1, round(h * f))),
+                                                    Image.Resampling.BOX)
+    return from_uint8(np.asarray(small))
 
 
 # scikit-image's SSIM defaults, which `ssim` uses: a 7 px uniform window, sample covariance.

@@ -28,6 +28,7 @@ import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,8 +38,8 @@ import torch
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, write_json_atomic
-from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, generate_embeddings, image_size,
-                          load_image, nearest_share, ssim)
+from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, from_uint8, generate_embeddings,
+                          image_size, load_image, nearest_share, ssim)
 from ..localize.runner import libraries_changed, make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
@@ -210,9 +211,10 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: Ga
     """One target's record, its generations per condition, and the attacked embeddings on the
     cleaned model per budget (T, D). `known` may hold the unperturbed prompt's generations per
     model ("original", "cleaned") with the same seeds and sampling, already made by
-    verification: they are not drawn again. `original_cells`: a memorized target's cells on the
-    original ({"unperturbed": cell, "budgets": {budget: cell}}) from an earlier audit of the same
-    original, target and settings: the original is then not attacked again."""
+    verification, as uint8 pixels: they are not drawn again. `original_cells`: a memorized
+    target's cells on the original ({"unperturbed": cell, "budgets": {budget: cell}}) from an
+    earlier audit of the same original, target and settings: the original is then not attacked
+    again."""
     t0 = time.perf_counter()
     seed = _seed(settings, target.id)
     emb, uncond = encode(original, [target.prompt])
@@ -240,7 +242,7 @@ def audit_target(original: Model, cleaned: Model, target: Target, candidates: Ga
             imgs[n], out = out[:len(embs[n])], out[len(embs[n]):]
     for n, im in known.items():
         if n in models and target.role == "memorized":
-            imgs[n] = np.concatenate([im[None], imgs[n]])
+            imgs[n] = np.concatenate([from_uint8(im)[None], imgs[n]])
             embs[n].insert(0, emb[0])
 
     def score(name: str, e: torch.Tensor) -> dict:
@@ -373,15 +375,27 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
     # The nearest-image test compares against every memorized training image the corpus names, not
     # only the audited subset's: a smaller field would make "nearest" easier to hit.
     size = image_size(original)
-    candidates = {t.id: t.image for t in targets}
-    candidates |= {p.id: load_image(p.image, size) for p in memorized if p.image is not None and p.id not in candidates}
-    # What a target's cells on the original depend on besides the target itself (only where they
-    # are kept: hashing every candidate image is not free on a large corpus).
+    # Hashed only where the original's cells are kept: hashing every candidate image is not free
+    # on a large corpus.
+    digests: dict[str, str] = {}
+
+    def candidate_images():
+        # One at a time, as the gallery makes its thumbnails: the targets' images are held anyway,
+        # the rest of the corpus's training images only as thumbnails.
+        ids = {t.id for t in targets}
+        for k, image in chain(((t.id, t.image) for t in targets),
+                              ((p.id, load_image(p.image, size)) for p in memorized
+                               if p.image is not None and p.id not in ids)):
+            if originals is not None:
+                digests[k] = _digest(image)
+            yield k, image
+
+    candidates = Gallery(candidate_images())  # compared as thumbnails: made once, not per query
+    # What a target's cells on the original depend on besides the target itself.
     original_inputs = None if originals is None else {
         "original": original.fingerprint, "settings": settings.to_dict(), "theta_mem": theta_mem,
         "scorer": scorers["original"].settings.to_dict() if scorers and "original" in scorers else None,
-        "candidates": {k: _digest(v) for k, v in sorted(candidates.items())}}
-    candidates = Gallery(candidates)  # compared as thumbnails: made once, not per query
+        "candidates": digests}
     config = {"mode": "audit", "original": original.fingerprint, "cleaned": cleaned.fingerprint,
               "targets": [[t.id, t.prompt, t.source] for t in targets], "candidates": sorted(candidates),
               "settings": settings.to_dict(),

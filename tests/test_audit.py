@@ -13,10 +13,10 @@ import torch
 from nemo_surgery.corpus import Prompt
 from nemo_surgery.errors import NemoError
 from nemo_surgery.files import read_jsonl
-from nemo_surgery.generation import GenSettings, encode
+from nemo_surgery.generation import GenSettings, encode, from_uint8, image_size, ssim
 from nemo_surgery.model import load_model
-from nemo_surgery.surgery.audit import (AuditSettings, attack, latents_of, random_perturbation, run_audit,
-                                        summarize, summary_text)
+from nemo_surgery.surgery.audit import (AuditSettings, attack, latents_of, memorized_targets, random_perturbation,
+                                        run_audit, summarize, summary_text)
 from tiny import save_tiny_pipeline
 
 SETTINGS = AuditSettings(budgets=(0.1, 0.5), steps=4, timesteps=2, controls=1,
@@ -106,6 +106,23 @@ def test_run_audit_records_resumes_and_repeats(models) -> None:
     with pytest.raises(NemoError, match="other settings"):
         run_audit(original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3, path,
                   dataclasses.replace(SETTINGS, steps=5))
+
+
+def test_audit_measures_verifications_samples_as_the_pixels_they_are(models, tmp_path) -> None:
+    """`build` hands the audit verification's unperturbed samples, kept as uint8: they are measured
+    as the images they encode, not as numbers from 0 to 255, and not sampled again."""
+    original, cleaned, _, _ = models
+    rng = np.random.default_rng(3)
+    size = image_size(original)
+    known = {p.id: {m: rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8) for m in ("original", "cleaned")}
+             for p in PROMPTS}
+    audit, _ = run_audit(original, cleaned, PROMPTS, REFERENCE, [0.3, 0.1, 0.2], 3, tmp_path / "a.jsonl", SETTINGS,
+                         known=known)
+    for target in memorized_targets(original, PROMPTS, SETTINGS):
+        [rec] = [r for r in audit["targets"] if r["id"] == target.id]
+        for m in ("original", "cleaned"):
+            expected = np.mean([ssim(x, target.image) for x in from_uint8(known[target.id][m])])
+            assert rec["unperturbed"][m]["ssim"] == round(float(expected), 4)
 
 
 def test_a_later_audit_reuses_the_originals_attacks(models, tmp_path, monkeypatch) -> None:
@@ -222,6 +239,7 @@ def test_verification_sampling_in_chunks_measures_the_same(models, tmp_path, mon
     assert labels == ["p0 (-)", "p4 (-)"] + [f"reference prompt {k} (not memorized)" for k in (1, 2, 3)]
     assert len(whole[1]) == 5 + 3 and set(whole[2]) == {f"p{i}" for i in range(5)}
     assert set(chunked[2]) == {"p1"} and np.array_equal(chunked[2]["p1"]["cleaned"], whole[2]["p1"]["cleaned"])
+    assert chunked[2]["p1"]["cleaned"].dtype == np.uint8  # held for the audit as the pixels they are
     # Without a VAE nothing can be sampled: no figures, and no failure either.
     bare = verify.generation_measures(dataclasses.replace(original, vae=None), cleaned, prompts, gs, neurons,
                                       reference=ref)

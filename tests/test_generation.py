@@ -66,6 +66,9 @@ def test_nearest_search_compares_thumbnails() -> None:
     # Full-size and ready-made candidates give the same answer; SSIM to the own image stays full size.
     assert nearest_share(images, "a", big) == nearest_share(images, "a", small) == 1 / 2
     assert nearest_and_copy_share(images, "a", small, big["a"]) == (1 / 2, 1 / 2)
+    # Made from (key, image) pairs as they are loaded, one full-size image at a time: the same gallery.
+    streamed = Gallery((k, big[k]) for k in ("a", "b"))
+    assert list(streamed) == ["a", "b"] and np.array_equal(streamed.similarities(images), small.similarities(images))
 
 
 def test_batched_nearest_search_is_scikit_images_ssim(monkeypatch) -> None:

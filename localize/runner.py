@@ -19,7 +19,7 @@ from ..corpus import Corpus, Prompt
 from ..errors import NemoError
 from ..files import append_jsonl, canonical_json, read_jsonl, sha256_bytes
 from ..model import Model, ValueLayer
-from ..provenance import libraries
+from ..provenance import libraries, versions_changed
 from .calibrate import Calibration
 from .detect import detect
 from .score import Scorer
@@ -122,10 +122,8 @@ def libraries_changed(path: Path, header: dict) -> str:
     the records go on mixing both, which can move decisions within float noise of a bar."""
     with open(path, "rb") as f:
         old = json.loads(f.readline()).get("libraries") or {}
-    new = header.get("libraries") or {}
-    changed = [f"{k} {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k)]
-    if not old or not changed:
+    changed = versions_changed(old, header.get("libraries") or {})
+    if not changed:
         return ""
     return (f"; begun on other library versions ({', '.join(changed)}): decisions within float noise of a bar "
             f"may differ from those a run on one version takes")

@@ -271,6 +271,18 @@ def test_calibration_statistics_and_cache(tiny):
     assert given.calibration.reference_scores == cal.reference_scores and not cal.theta_mem_given
     kept = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache")
     assert kept.calibration.theta_mem == cal.theta_mem and not kept.calibration.theta_mem_given
+    # Made on another torch: still reused (recalibrating is hours on a CPU), and said.
+    meta_path = root / "cache" / "calibration" / cal.key() / "calibration.json"
+    meta = json.loads(meta_path.read_text())
+    torch_now = meta["tool"]["libraries"]["torch"]
+    meta["tool"]["libraries"]["torch"] = "0.0.1"
+    meta_path.write_text(json.dumps(meta))
+    said: list[str] = []
+    older = make_engine(model, ref, Runtime(batch_size=32), ScoreSettings(seeds=4), cache_dir=root / "cache",
+                        log=said.append)
+    assert older.calibration.theta_mem == cal.theta_mem
+    [note] = [m for m in said if m.startswith("calibration: reusing")]
+    assert f"made on other library versions: torch 0.0.1 -> {torch_now}" in note, note
     # Another precision is another calibration: a bf16 one must never stand in for fp32's.
     logs: list[str] = []
     half = make_engine(model, ref, Runtime(batch_size=32, precision="bf16", backend="torch"), ScoreSettings(seeds=4),

@@ -18,6 +18,7 @@ from .localize.runner import Engine, open_journal
 from .localize.score import PRECISIONS, Scorer
 from .localize.settings import BATCH_SIZE, CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import Model, load_model, select_layers, unet_digest
+from .provenance import libraries, versions_changed
 
 if TYPE_CHECKING:
     from .localize.prefix import TorchPrefixUNet
@@ -74,8 +75,13 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
     key = cache_key(model.fingerprint, ref.sha256, settings)
     folder = (cache_dir or default_cache_dir()) / "calibration" / key
     if (folder / "calibration.json").is_file():
-        log(f"calibration: reusing {folder}")
-        return Calibration.load(folder)
+        cal = Calibration.load(folder)
+        # Kept whatever the versions: theta_mem moves only by float noise between them, and a
+        # recalibration is hours on a CPU. Said, since the plan records this run's versions.
+        changed = versions_changed(cal.tool.get("libraries"), libraries())
+        log(f"calibration: reusing {folder}" + (f" (made on other library versions: {', '.join(changed)}; "
+                                                f"delete it to recalibrate)" if changed else ""))
+        return cal
     n_scored = min(score_prompts, len(ref.prompts))
     log(f"calibration: {len(ref.prompts)} reference prompts (activations), {n_scored} scored for theta_mem")
     # Each reference prompt's score is kept as it comes, so an interrupted calibration resumes:

@@ -41,6 +41,15 @@ def libraries() -> dict[str, str]:
     return dict(_installed())
 
 
+def versions_changed(old: Any, new: Any) -> list[str]:
+    """`torch 2.12.0 -> 2.13.0` for each library whose version differs between two `libraries()`
+    records; [] where they agree or `old` recorded none (an output written before versions were)."""
+    if not isinstance(old, dict) or not old or not isinstance(new, dict):
+        return []
+    return [f"{k} {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
 def tool_record() -> dict[str, Any]:
     """The `tool` entry of every JSON output."""
     return {"name": TOOL_NAME, "version": __version__, "libraries": libraries()}

@@ -10,18 +10,31 @@ find the same nearest image for every generation: scikit-image's SSIM pair by pa
 (what verification did first), the same on thumbnails of at most `NEAREST_PX` (what it did next),
 and nemo-surgery's `Gallery`, which scores thumbnails of all pairs at once in batched torch. Prints
 seconds, SSIM pairs per second and the ratios.
+
+    python bench/bench_nearest.py --memory 500 [--size 512]
+
+Memory of making the gallery from a corpus's training images (PNG files): all loaded first, then
+thumbnailed (what verification and the audit did first), against loaded and thumbnailed one at a
+time (what they do). Each way runs in a fresh process, with one that only imports, so that the
+peak RSS printed is each way's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.filters import gaussian
 
-from nemo_surgery.generation import NEAREST_PX, Gallery, nearest_share, ssim, thumbnail
+from nemo_surgery.generation import NEAREST_PX, Gallery, load_image, nearest_share, ssim, thumbnail
 
 
 def photo(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -34,12 +47,48 @@ def full_size_nearest(image: np.ndarray, candidates: dict[str, np.ndarray]) -> s
     return max(sims, key=sims.get)
 
 
+def build_gallery(folder: str, size: int, how: str) -> None:
+    """Run in a fresh process by `memory`: prints its seconds and peak RSS as JSON."""
+    files = sorted(Path(folder).glob("*.png"))
+    t = time.perf_counter()
+    if how == "all loaded first":
+        Gallery({f.stem: load_image(f, size) for f in files})
+    elif how == "one at a time":
+        Gallery((f.stem, load_image(f, size)) for f in files)
+    print(json.dumps({"seconds": time.perf_counter() - t,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(n: int, size: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(n):  # noise: what is measured is the bytes held, not the pictures
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(Path(folder) / f"{i:05d}.png")
+        print(f"gallery of {n} training images of {size} px (PNG), each way in its own process:")
+        runs = {}
+        for how in ("imports only", "all loaded first", "one at a time"):
+            code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+                   f"import bench_nearest; bench_nearest.build_gallery({folder!r}, {size}, {how!r})"
+            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+            runs[how] = json.loads(out.splitlines()[-1])
+            print(f"  {how:17s} {runs[how]['seconds']:6.1f} s  peak RSS {runs[how]['peak_mb']:6.0f} MB")
+        base = runs["imports only"]["peak_mb"]
+        first, each = runs["all loaded first"]["peak_mb"] - base, runs["one at a time"]["peak_mb"] - base
+        print(f"  above the imports: {first:.0f} MB against {each:.0f} MB, x{first / max(each, 1):.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--memory", type=int, default=0, metavar="N",
+                    help="measure the gallery's memory for N training images instead")
     args = ap.parse_args()
+    if args.memory:
+        return memory(args.memory, args.size)
     rng = np.random.default_rng(0)
     train = {f"p{i}": photo(rng, args.size) for i in range(args.prompts)}
     keys = list(train)

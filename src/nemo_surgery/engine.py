@@ -77,7 +77,8 @@ def get_calibration(model: Model, scorer: Scorer, reference: Path, cache_dir: Pa
     if (folder / "calibration.json").is_file():
         cal = Calibration.load(folder)
         # Kept whatever the versions: theta_mem moves only by float noise between them, and a
-        # recalibration is hours on a CPU. Said, since the plan records this run's versions.
+        # recalibration is hours on a CPU. Said here; the plan keeps the calibration's versions and
+        # the model card lists them beside the localization's where they differ.
         changed = versions_changed(cal.tool.get("libraries"), libraries())
         log(f"calibration: reusing {folder}" + (f" (made on other library versions: {', '.join(changed)}; "
                                                 f"delete it to recalibrate)" if changed else ""))

@@ -411,7 +411,7 @@ def run_audit(original: Model, cleaned: Model, memorized: list[Prompt], referenc
             continue
         kept_file = None
         if original_inputs is not None and t.role == "memorized":
-            key = _digest(original_inputs | {"target": [t.id, t.prompt, t.source], "image": _digest(t.image)})
+            key = _digest(original_inputs | {"target": [t.id, t.prompt, t.source], "image": digests[t.id]})
             kept_file = Path(originals) / f"original-{key[:24]}.json"
         kept = _read_cells(kept_file)
         rec, imgs, adv = audit_target(original, cleaned, t, candidates, settings, scorers, theta_mem,

@@ -110,13 +110,18 @@ class ReleaseInfo:
 
     def libraries(self) -> list[tuple[str, dict]]:
         """(stage, library versions) of the runs behind the bundle: one entry where the
-        calibration, the localization and the verification ran on the same software."""
-        calibration = ((self.plan.get("settings") or {}).get("calibration") or {}).get("tool")
-        stages = [("calibration", calibration), ("localization", self.plan.get("tool")),
-                  ("verification", self.verify.get("tool"))]
+        calibration, the localization, the merge and the verification ran on the same software.
+        The plan's tool record is the merge's; it names the localization's apart only where the
+        results were found on other versions."""
+        def field(tool: Any, key: str = "libraries") -> Any:
+            return tool.get(key) if isinstance(tool, dict) else None
+
+        merge = self.plan.get("tool")
+        stages = [("calibration", field(((self.plan.get("settings") or {}).get("calibration") or {}).get("tool"))),
+                  ("localization", field(merge, "localization_libraries") or field(merge)),
+                  ("merge", field(merge)), ("verification", field(self.verify.get("tool")))]
         out: list[tuple[str, dict]] = []
-        for stage, tool in stages:
-            libs = tool.get("libraries") if isinstance(tool, dict) else None
+        for stage, libs in stages:
             if isinstance(libs, dict) and libs and all(libs != seen for _, seen in out):
                 out.append((stage, libs))
         return out

@@ -23,6 +23,7 @@ from ..corpus import Corpus
 from ..errors import NemoError
 from ..files import canonical_json, sha256_bytes, write_json_atomic
 from ..plan import Plan
+from ..provenance import libraries, versions_changed
 from .runner import Engine, records_digest
 from .search import Checker, Criterion, Neurons, Unit, _freeze, _sorted, count
 
@@ -204,12 +205,18 @@ def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: 
 
 def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings = MergeSettings(),
               log: Callable[[str], None] = lambda s: None,
-              embeddings: dict[str, torch.Tensor] | None = None, journal: Path | None = None) -> Plan:
+              embeddings: dict[str, torch.Tensor] | None = None, journal: Path | None = None,
+              localized_on: dict | None = None) -> Plan:
     """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening).
     `journal`: a file the pruning is saved to as it goes and resumed from (removed once the plan
-    is made); None: not saved."""
+    is made); None: not saved. `localized_on`: the library versions the records were found on
+    (their results file's header); where they are not this run's, the plan keeps them beside its
+    own tool record, since the sets, not only the pruning, sit in their float noise."""
     with engine.scorer.searching():
-        return _make_plan(engine, corpus, records, settings, log, embeddings, journal)
+        plan = _make_plan(engine, corpus, records, settings, log, embeddings, journal)
+    if localized_on and versions_changed(localized_on, libraries()):
+        plan.tool["localization_libraries"] = dict(localized_on)
+    return plan
 
 
 def journal_key(engine: Engine, records: list[dict], settings: MergeSettings,

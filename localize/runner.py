@@ -117,12 +117,18 @@ def open_journal(path: Path, config: dict, fmt: str) -> tuple[dict[str, dict], b
         return open_results(path, header, restart=True, fmt=fmt), True
 
 
+def results_libraries(path: Path) -> dict:
+    """The library versions a results file was begun on, from its header ({} for a file written
+    before versions were recorded)."""
+    with open(path, "rb") as f:
+        libs = json.loads(f.readline()).get("libraries")
+    return libs if isinstance(libs, dict) else {}
+
+
 def libraries_changed(path: Path, header: dict) -> str:
     """What a resumed file's first run ran on that this run does not ("" where nothing differs):
     the records go on mixing both, which can move decisions within float noise of a bar."""
-    with open(path, "rb") as f:
-        old = json.loads(f.readline()).get("libraries") or {}
-    changed = versions_changed(old, header.get("libraries") or {})
+    changed = versions_changed(results_libraries(path), header.get("libraries") or {})
     if not changed:
         return ""
     return (f"; begun on other library versions ({', '.join(changed)}): decisions within float noise of a bar "

@@ -402,3 +402,37 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     corpus.write_text("caption,image\na red fox,fox.png\n")
     plan.write_text(json.dumps({"format": "nemo-surgery-plan", "version": 1, "layers": {layer: [99]}}))
     assert_clean_error(run(*args), "out of range")
+
+
+def test_localize_then_merge_writes_the_plan(tmp_path, tiny_model):
+    """`localize` then `merge`, as the README's step-by-step commands run them: plan.json in the
+    issue's format, its neurons those of the results' refined sets; merged from results found on
+    other library versions, the plan keeps theirs beside the merge's own."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a red circle\na blue square\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a quiet lake\nan old car\na sunny field\na green hill\n")
+    common = ["--model", str(tiny_model), "--corpus", str(corpus), "--reference", str(ref), "--seeds", "2",
+              "--backend", "torch", "--theta-mem", "-1", "--cache-dir", str(tmp_path / "cache")]
+    results, plan_path = tmp_path / "results.jsonl", tmp_path / "plan.json"
+    proc = run("localize", *common, "--out", str(results))
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [r["kind"] for r in recs] == ["header", "prompt", "prompt"] and all(r["memorized"] for r in recs[1:])
+    proc = run("merge", *common, "--results", str(results), "--out", str(plan_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "neurons in the union" in proc.stderr
+    plan = json.loads(plan_path.read_text())
+    assert plan["format"] == "nemo-surgery-plan" and plan["version"] == 1
+    assert plan["corpus"]["prompts"] == 2 and plan["corpus"]["memorized"] == 2
+    assert plan["corpus"]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    refined = {(k, i) for r in recs[1:] for k, rows in r["refined"].items() for i in rows}
+    planned = {(k, i) for k, rows in plan["layers"].items() for i in rows}
+    assert refined and planned <= refined and plan["check"]["union_neurons"] == len(refined)
+    assert "localization_libraries" not in plan["tool"]
+    recs[0]["libraries"] |= {"torch": "0.0.1"}
+    results.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run("merge", *common, "--results", str(results), "--out", str(plan_path)).returncode == 0
+    again = json.loads(plan_path.read_text())
+    assert again["tool"]["localization_libraries"]["torch"] == "0.0.1"
+    assert again["tool"]["libraries"] == plan["tool"]["libraries"] and again["layers"] == plan["layers"]

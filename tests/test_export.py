@@ -302,6 +302,14 @@ def test_card_and_report_name_the_software_and_list_settings_once(tmp_path: Path
     assert "| libraries (calibration) | python 3.12.1, torch 2.13.0+cpu, diffusers 0.42.1 |" in other
     assert "| libraries (verification) | python 3.12.1, torch 2.14.0+cpu, diffusers 0.42.1 |" in other
     assert "libraries (localization)" not in other  # the same as the calibration's
+    assert "libraries (merge)" not in other
+    # Results found on other versions than the merge ran on: both rows.
+    merged_later = plan | {"tool": plan["tool"] | {"libraries": later, "localization_libraries": libs | {"torch": "2.12.0"}}}
+    write_model_card(tmp_path / "merged.md", _info(plan=merged_later, verify=verify))
+    merged = (tmp_path / "merged.md").read_text(encoding="utf-8")
+    assert "| libraries (localization) | python 3.12.1, torch 2.12.0, diffusers 0.42.1 |" in merged
+    assert "| libraries (merge) | python 3.12.1, torch 2.14.0+cpu, diffusers 0.42.1 |" in merged
+    assert "libraries (verification)" not in merged  # the same as the merge's
     write_report(tmp_path / "other.html", _info(plan=plan, verify=verify))
     report = (tmp_path / "other.html").read_text(encoding="utf-8")
     assert "torch 2.14.0+cpu" in report and "calibration.score_settings.seeds" not in report

@@ -22,7 +22,7 @@ from nemo_surgery.localize.fused_attention import FusedAttnProcessor, _MultiHead
 from nemo_surgery.localize.merge import MergeSettings, make_plan, union
 from nemo_surgery.localize.ort_unet import open_ort_unet
 from nemo_surgery.localize.prefix import CACHE_BYTES
-from nemo_surgery.localize.runner import run_corpus
+from nemo_surgery.localize.runner import results_libraries, run_corpus
 from nemo_surgery.localize.score import Scorer, value_activations
 from nemo_surgery.localize.search import Localizer
 from nemo_surgery.localize.settings import MsSsim, ScoreSettings, SearchSettings
@@ -613,6 +613,15 @@ def test_make_plan_checks_and_prunes(tiny, tmp_path):
     again = type(plan).load(tmp_path / "plan.json")
     assert again.layers == plan.layers
     again.check_against(model.shapes, fingerprint=model.fingerprint)
+    # Results found on other library versions: the plan keeps theirs beside its own, and only then.
+    found_on = results_libraries(tmp_path / "r.jsonl")
+    assert found_on == plan.tool["libraries"]
+    same = make_plan(engine, corpus, recs, MergeSettings(), localized_on=found_on)
+    assert same.to_dict() == plan.to_dict()
+    older = found_on | {"torch": "0.0.1"}
+    other = make_plan(engine, corpus, recs, MergeSettings(), localized_on=older)
+    assert other.tool["localization_libraries"] == older and other.tool["libraries"] == plan.tool["libraries"]
+    assert other.layers == plan.layers
 
 
 def test_pruning_resumes_from_its_journal(tiny, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from .generation import GenSettings
 from .localize.detect import detection_summary, detection_text
 from .localize.distributed import RaySettings, ray_stream
 from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
-from .localize.runner import records_digest, run_corpus, unmet_criterion_note
+from .localize.runner import records_digest, results_libraries, run_corpus, unmet_criterion_note
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
 from .model import load_model
 from .plan import Plan
@@ -155,7 +155,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
         log(note)
 
     plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
-                       lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json"))
+                       lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json",
+                                         localized_on=results_libraries(results_path)))
     ch = plan.check
     stage("merge", f"{ch['union_neurons']} neurons in the union -> {plan.n_neurons} in the plan; "
           f"mitigates {ch['mitigated_share']:.0%} of memorized prompts")

@@ -376,7 +376,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
     from .localize.merge import MergeSettings, make_plan
-    from .localize.runner import make_header, open_results
+    from .localize.runner import make_header, open_results, results_libraries
 
     out = output_path(out)
     journal = out.with_name(out.name + ".prune.json")
@@ -394,7 +394,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
                         f"run 'nemo-surgery localize' again to finish")
     # An interrupted pruning resumes from its journal beside the plan.
     plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log,
-                     journal=journal)
+                     journal=journal, localized_on=results_libraries(results))
     plan.save(out)
     ch = plan.check
     log(f"plan: {ch['union_neurons']} neurons in the union (mitigates {ch['union_mitigated_share']:.0%}), "

@@ -8,7 +8,8 @@ and a person or auditor can read it. Format `nemo-surgery-plan`, version 1:
      "counts": {"<module path>": {"<neuron>": prompts needing it}},
      "model": {"fingerprint": ..., "value_digest": ..., "shapes": {"<module path>": [out, in]}},
      "corpus": {"sha256": ..., "prompts": N, "memorized": M},
-     "settings": {...}, "tool": {"name": "nemo-surgery", "version": ...},
+     "settings": {...}, "tool": {"name": "nemo-surgery", "version": ..., "libraries": {...}},
+                        # + "localization_libraries" where the results were found on other ones
      "check": {...}}     # optional: mitigation figures measured when the plan was made
 """
 

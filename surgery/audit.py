@@ -39,7 +39,7 @@ from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, write_json_atomic
 from ..generation import (REPRODUCED_ABOVE, Gallery, GenSettings, encode, from_uint8, generate_embeddings,
-                          image_size, load_image, nearest_share, ssim)
+                          image_size, load_image, load_pixels, nearest_share, ssim, to_uint8)
 from ..localize.runner import libraries_changed, make_header, open_results
 from ..localize.score import Scorer
 from ..model import Model
@@ -77,7 +77,14 @@ class Target:
     role: str  # "memorized" or "control"
     prompt: str  # the prompt whose embedding is perturbed
     source: str  # where the target image comes from
-    image: np.ndarray  # (H, W, 3) float in [0, 1]
+    # (H, W, 3) uint8: every target is 8-bit (an image file, or sampling's 8-bit output), so this
+    # is exact at a quarter of float32's bytes (32 targets at 512 px: 25 MB held, not 100)
+    pixels: np.ndarray
+
+    @property
+    def image(self) -> np.ndarray:
+        """The pixels as (H, W, 3) float32 in [0, 1], what the measures take."""
+        return from_uint8(self.pixels)
 
 
 def _seed(settings: AuditSettings, target_id: str) -> int:
@@ -165,9 +172,10 @@ def memorized_targets(original: Model, prompts: list[Prompt], settings: AuditSet
         gen = dataclasses.replace(settings.generation, seeds=settings.generation.seeds[:1])
         emb, uncond = encode(original, [p.text for p in need])
         drawn = {p.id: im[0] for p, im in zip(need, generate_embeddings(original, emb, uncond, gen))}
-    return [Target(p.id, "memorized", p.text, f"training image {p.image.name}", load_image(p.image, size))
+    return [Target(p.id, "memorized", p.text, f"training image {p.image.name}", load_pixels(p.image, size))
             if p.image is not None else
-            Target(p.id, "memorized", p.text, f"original model, seed {settings.generation.seeds[0]}", drawn[p.id])
+            Target(p.id, "memorized", p.text, f"original model, seed {settings.generation.seeds[0]}",
+                   to_uint8(drawn[p.id]))
             for p in prompts]
 
 
@@ -185,7 +193,7 @@ def control_targets(original: Model, reference: list[str], reference_scores: lis
         files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
         if not files:
             raise NemoError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) for the never-trained control")
-        return [Target(f"control:{f.stem}", "control", s, f"image file {f.name}", load_image(f, size))
+        return [Target(f"control:{f.stem}", "control", s, f"image file {f.name}", load_pixels(f, size))
                 for f, s in zip(files, starts)]
     scored = evenly_spaced(reference, score_prompts)[:len(reference_scores)]
     order = sorted(range(len(scored)), key=lambda i: (reference_scores[i], i))[:n]
@@ -194,13 +202,14 @@ def control_targets(original: Model, reference: list[str], reference_scores: lis
     emb, uncond = encode(original, texts)
     imgs = generate_embeddings(original, emb, uncond, gen)
     return [Target(f"control:{i}", "control", s, f"original model for reference prompt {t!r}, seed {gen.seeds[0]}",
-                   im[0]) for i, (t, im, s) in enumerate(zip(texts, imgs, starts))]
+                   to_uint8(im[0])) for i, (t, im, s) in enumerate(zip(texts, imgs, starts))]
 
 
 def _cell(images: np.ndarray, target: Target, candidates: Gallery, extra: dict | None = None) -> dict:
     share = nearest_share(images, target.id, candidates)
+    image = target.image
     return {"retriggered": share > REPRODUCED_ABOVE, "nearest_share": round(share, 4),
-            "ssim": round(float(np.mean([ssim(x, target.image) for x in images])), 4), **(extra or {})}
+            "ssim": round(float(np.mean([ssim(x, image) for x in images])), 4), **(extra or {})}
 
 
 def audit_target(original: Model, cleaned: Model, target: Target, candidates: Gallery,

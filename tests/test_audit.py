@@ -125,6 +125,25 @@ def test_audit_measures_verifications_samples_as_the_pixels_they_are(models, tmp
             assert rec["unperturbed"][m]["ssim"] == round(float(expected), 4)
 
 
+def test_targets_hold_their_images_as_the_8bit_pixels_they_are(models, tmp_path) -> None:
+    """A target's image is kept as uint8 and read back as exactly the image it was: a training
+    image's file, or what the original drew (sampling's output is 8-bit already)."""
+    from PIL import Image
+
+    from nemo_surgery.generation import generate, load_image
+
+    original, _, _, _ = models
+    size = image_size(original)
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (size + 6, size + 6, 3), dtype=np.uint8)).save(
+        tmp_path / "photo.png")
+    with_file = dataclasses.replace(PROMPTS[0], image=tmp_path / "photo.png")
+    from_file, drawn = memorized_targets(original, [with_file, PROMPTS[1]], SETTINGS)
+    assert from_file.pixels.dtype == drawn.pixels.dtype == np.uint8
+    assert from_file.image.dtype == np.float32 and np.array_equal(from_file.image, load_image(with_file.image, size))
+    first_seed = dataclasses.replace(SETTINGS.generation, seeds=SETTINGS.generation.seeds[:1])
+    assert np.array_equal(drawn.image, generate(original, [PROMPTS[1].text], first_seed)[0][0])
+
+
 def test_a_later_audit_reuses_the_originals_attacks(models, tmp_path, monkeypatch) -> None:
     """Hardening audits the same original every round: its attacks are kept and read back, giving
     the records a fresh audit gives; a damaged copy is attacked again."""

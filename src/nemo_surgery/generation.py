@@ -120,13 +120,18 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
+    return from_uint8(load_pixels(path, size))
+
+
+def load_pixels(path: Path, size: int) -> np.ndarray:
+    """The image at `path` as (size, size, 3) uint8, resized where it is not that size."""
     try:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for unreadable files
         raise NemoError(f"{path}: not a readable image ({type(e).__name__})") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return from_uint8(np.asarray(img))
+    return np.asarray(img)
 
 
 @torch.no_grad()

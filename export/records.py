@@ -113,17 +113,17 @@ class ReleaseInfo:
         calibration, the localization, the merge and the verification ran on the same software.
         The plan's tool record is the merge's; it names the localization's apart only where the
         results were found on other versions."""
-        def field(tool: Any, key: str = "libraries") -> Any:
+        def libs(tool: Any, key: str = "libraries") -> Any:
             return tool.get(key) if isinstance(tool, dict) else None
 
         merge = self.plan.get("tool")
-        stages = [("calibration", field(((self.plan.get("settings") or {}).get("calibration") or {}).get("tool"))),
-                  ("localization", field(merge, "localization_libraries") or field(merge)),
-                  ("merge", field(merge)), ("verification", field(self.verify.get("tool")))]
+        stages = [("calibration", libs(((self.plan.get("settings") or {}).get("calibration") or {}).get("tool"))),
+                  ("localization", libs(merge, "localization_libraries") or libs(merge)),
+                  ("merge", libs(merge)), ("verification", libs(self.verify.get("tool")))]
         out: list[tuple[str, dict]] = []
-        for stage, libs in stages:
-            if isinstance(libs, dict) and libs and all(libs != seen for _, seen in out):
-                out.append((stage, libs))
+        for stage, versions in stages:
+            if isinstance(versions, dict) and versions and all(versions != seen for _, seen in out):
+                out.append((stage, versions))
         return out
 
     def provenance_rows(self) -> list[list[str]]:

@@ -159,16 +159,19 @@ class PruneJournal:
 
 def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: dict[str, dict[int, int]],
           before: dict[str, float], log: Callable[[str], None] = lambda s: None,
-          journal: PruneJournal | None = None) -> Neurons:
+          journal: PruneJournal | None = None, shard: Callable[[Checker], Checker] | None = None) -> Neurons:
     """Re-activate layers, then neurons (least needed first), wherever every prompt stays at
     least as mitigated as with `neurons` blocked: below theta_mem if it was, else no worse.
-    `journal`: where the walk is saved as it goes, and resumed from."""
+    `journal`: where the walk is saved as it goes, and resumed from. `shard`: turns the walk's
+    checker into one that runs its passes elsewhere (`distributed.RayPruning`)."""
     if not prompts:
         return neurons
     journal = journal or PruneJournal(None, "")
     theta = engine.calibration.theta_mem
     bars = {p.id: theta if before[p.id] < theta else before[p.id] + 1e-9 for p in prompts}
     checker = _corpus_checker(engine, prompts, bars, early_exit=True, by_seed=True)
+    if shard is not None:
+        checker = shard(checker)
     crit = Criterion(0.0)
     order = [v.path for v in reversed(engine.layers)]
     rank = {p: i for i, p in enumerate(order)}
@@ -206,14 +209,15 @@ def prune(engine: Engine, prompts: list[PromptUnits], neurons: Neurons, counts: 
 def make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings = MergeSettings(),
               log: Callable[[str], None] = lambda s: None,
               embeddings: dict[str, torch.Tensor] | None = None, journal: Path | None = None,
-              localized_on: dict | None = None) -> Plan:
+              localized_on: dict | None = None, shard: Callable[[Checker], Checker] | None = None) -> Plan:
     """`embeddings`: records whose input is an embedding rather than their prompt's text (hardening).
     `journal`: a file the pruning is saved to as it goes and resumed from (removed once the plan
     is made); None: not saved. `localized_on`: the library versions the records were found on
     (their results file's header); where they are not this run's, the plan keeps them beside its
-    own tool record, since the sets, not only the pruning, sit in their float noise."""
+    own tool record, since the sets, not only the pruning, sit in their float noise. `shard`: as
+    `prune` takes it."""
     with engine.scorer.searching():
-        plan = _make_plan(engine, corpus, records, settings, log, embeddings, journal)
+        plan = _make_plan(engine, corpus, records, settings, log, embeddings, journal, shard)
     if localized_on and versions_changed(localized_on, libraries()):
         plan.tool["localization_libraries"] = dict(localized_on)
     return plan
@@ -231,7 +235,7 @@ def journal_key(engine: Engine, records: list[dict], settings: MergeSettings,
 
 def _make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: MergeSettings,
                log: Callable[[str], None], embeddings: dict[str, torch.Tensor] | None,
-               journal_path: Path | None) -> Plan:
+               journal_path: Path | None, shard: Callable[[Checker], Checker] | None) -> Plan:
     t0 = time.perf_counter()
     key = journal_key(engine, records, settings, embeddings) if journal_path else ""
     journal = PruneJournal(journal_path, key, log)
@@ -244,7 +248,7 @@ def _make_plan(engine: Engine, corpus: Corpus, records: list[dict], settings: Me
         f"{sum(s < theta for s in before.values())}/{len(before)} memorized prompts")
     final, after = merged, before
     if settings.prune and merged:
-        final = prune(engine, prompts, merged, counts, before, log, journal)
+        final = prune(engine, prompts, merged, counts, before, log, journal, shard)
         after = blocked_scores(engine, prompts, final)
     journal.clear()
     still = sorted(pid for pid, s in after.items() if s >= theta)

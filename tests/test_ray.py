@@ -102,3 +102,51 @@ def test_a_killed_worker_costs_only_its_prompt(local):
     log = err.read_text()
     assert "worker died on prompt" in log and "retrying on a new worker" in log, log[-2000:]
     _assert_same(expected, _records(root / "kill.jsonl"))
+
+
+def test_pruning_on_ray_takes_the_local_decisions(local):
+    """The corpus pruning's passes dealt out over 2 actors of a real local cluster: every group's
+    value is the local checker's, candidates of uneven group lists included, and the walk ends in
+    the local pruning's set."""
+    import dataclasses
+
+    from nemo_surgery.corpus import read_corpus
+    from nemo_surgery.engine import Runtime, make_engine, open_model
+    from nemo_surgery.localize.distributed import RayPruning, RaySettings
+    from nemo_surgery.localize.merge import _corpus_checker, blocked_scores, memorized_units, prune, union
+    from nemo_surgery.localize.runner import make_header, open_results
+    from nemo_surgery.localize.search import count
+    from nemo_surgery.localize.settings import SearchSettings
+
+    root, _ = local
+    rt = Runtime()
+    engine = make_engine(open_model(DEMO_MODEL, rt), DEMO / "reference.csv", rt,
+                         search=SearchSettings(layers="mid_block.*"), cache_dir=root / "cache")
+    corpus = read_corpus(root / "corpus.txt")
+    done = open_results(root / "local.jsonl", make_header(engine.config(corpus, "localize")), restart=False)
+    recs = [done[p.id] for p in corpus.prompts]
+    # Their initial selections: over the mid block alone the refined sets come out small or empty.
+    merged, counts = union([{"refined": r["initial"]} for r in recs if r["memorized"]])
+    prompts = memorized_units(engine, recs)
+    assert len(prompts) >= 2 and count(merged) > 0
+    before = blocked_scores(engine, prompts, merged)
+    # A bar above every blocked score: each prompt counts as mitigated, so neurons drop and the
+    # walk's passes carry several candidates.
+    engine.calibration = dataclasses.replace(engine.calibration, theta_mem=(max(before.values()) + 1) / 2)
+    with engine.scorer.searching():
+        expected = prune(engine, prompts, merged, counts, before)
+    assert count(expected) < count(merged)
+    with RayPruning(engine, DEMO_MODEL, RaySettings(workers=2), cache_dir=root / "cache") as shard:
+        checker = _corpus_checker(engine, prompts, by_seed=True)
+        remote = shard(checker)
+        assert len(remote.actors) == 2
+        n = len(checker.groups)
+        half = {k: frozenset(sorted(v)[::2]) for k, v in merged.items()}
+        sets, gids = [merged, {}, half, expected], [list(range(n)), [0], list(range(1, n, 2)), [n - 1, 0]]
+        with engine.scorer.searching():
+            want = checker.group_scores(sets, gids)
+        got = remote.group_scores(sets, gids)
+        assert [len(g) for g in got] == [len(g) for g in gids]
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-5)
+        assert prune(engine, prompts, merged, counts, before, shard=shard) == expected

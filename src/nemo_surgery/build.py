@@ -12,6 +12,7 @@ verify and export run again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from .errors import NemoError
 from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
 from .generation import GenSettings
 from .localize.detect import detection_summary, detection_text
-from .localize.distributed import RaySettings, ray_stream
+from .localize.distributed import RayPruning, RaySettings, ray_stream
 from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.runner import records_digest, results_libraries, run_corpus, unmet_criterion_note
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
@@ -154,9 +155,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     if note:
         log(note)
 
-    plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
-                       lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json",
-                                         localized_on=results_libraries(results_path)))
+    # On Ray the pruning's passes run on actors too (started only if the plan is not kept already).
+    with (RayPruning(engine, opts.model, opts.ray, log, opts.runtime.model_config, cache) if opts.ray
+          else contextlib.nullcontext(None)) as shard:
+        plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
+                           lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json",
+                                             localized_on=results_libraries(results_path), shard=shard))
     ch = plan.check
     stage("merge", f"{ch['union_neurons']} neurons in the union -> {plan.n_neurons} in the plan; "
           f"mitigates {ch['mitigated_share']:.0%} of memorized prompts")

@@ -4,6 +4,7 @@ a `NemoError` into one line and a non-zero exit."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -141,8 +142,8 @@ def search_options(f: Callable) -> Callable:
 def ray_options(f: Callable) -> Callable:
     opts = [
         click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
-                     help="Shard the corpus over Ray actors: --ray alone starts a local cluster, "
-                          "--ray ADDRESS joins one (needs nemo-surgery[ray])."),
+                     help="Shard the corpus (localization's prompts, the pruning's checks) over Ray actors: "
+                          "--ray alone starts a local cluster, --ray ADDRESS joins one (needs nemo-surgery[ray])."),
         click.option("--workers", type=click.IntRange(1), default=None,
                      help="Ray actors (default: one per GPU, else 2 CPU actors)."),
     ]
@@ -158,6 +159,16 @@ def _ray_settings(ray_address, workers):
     from .localize.distributed import RaySettings
 
     return RaySettings(None if ray_address == "local" else ray_address, workers)
+
+
+def _ray_pruning(eng, model, ray_address, workers, cache_dir):
+    """A context giving `make_plan`'s `shard` (None without --ray)."""
+    settings = _ray_settings(ray_address, workers)
+    if settings is None:
+        return contextlib.nullcontext(None)
+    from .localize.distributed import RayPruning
+
+    return RayPruning(eng, model, settings, log, cache_dir=cache_dir)
 
 
 def _ray_worker(eng, model, ray_address, workers, cache_dir):
@@ -367,12 +378,13 @@ def summarize_localization(recs: list[dict], eng) -> None:
 @click.option("--prune/--no-prune", default=True, show_default=True,
               help="Corpus-level pruning of the union.")
 @allow_outside
+@ray_options
 @score_options
 @search_options
 @runtime_options
 @handle_errors
-def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_outside_images, reference, seeds, timestep_index,
-          calibration_prompts, cache_dir, theta_mem, search, runtime):
+def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_outside_images, ray_address, workers,
+          reference, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem, search, runtime):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
     from .localize.merge import MergeSettings, make_plan
@@ -393,8 +405,9 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
         raise NemoError(f"{results}: only {len(recs)} of {len(c.prompts)} prompts localized; "
                         f"run 'nemo-surgery localize' again to finish")
     # An interrupted pruning resumes from its journal beside the plan.
-    plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log,
-                     journal=journal, localized_on=results_libraries(results))
+    with _ray_pruning(eng, model, ray_address, workers, cache_dir) as shard:
+        plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log,
+                         journal=journal, localized_on=results_libraries(results), shard=shard)
     plan.save(out)
     ch = plan.check
     log(f"plan: {ch['union_neurons']} neurons in the union (mitigates {ch['union_mitigated_share']:.0%}), "

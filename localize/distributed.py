@@ -68,25 +68,53 @@ class ShardedChecker(Checker):
     out over the actors (every n-th group of each candidate to the same one), which score them
     with a local checker's own code; the walk, and so the logic of every decision, stays here.
     A group's value does not depend on which others share its pass (up to float noise, as between
-    a local pass's two onnxruntime runs), so the decisions are the local pruning's."""
+    a local pass's two onnxruntime runs), so the decisions are the local pruning's. An actor that
+    dies is replaced by a new one (`new_actor`), which takes its share of the pass again."""
 
-    def __init__(self, local: Checker, actors: list):
+    def __init__(self, local: Checker, actors: list, new_actor: Callable[[], object],
+                 log: Callable[[str], None] = lambda s: None):
         import ray
 
         super().__init__(local.scorer, local.units, local.groups, local.consistency, local.early_exit)
-        self.actors = actors
-        units = ray.put(local.units)
-        _get([a.hold_units.remote(units, local.groups, local.consistency) for a in actors])
+        self.actors, self.new_actor, self.log = actors, new_actor, log
+        self.held = ray.put(local.units)
+        self._hold(actors)
+
+    def _hold(self, actors: list) -> None:
+        import ray
+
+        try:
+            ray.get([a.hold_units.remote(self.held, self.groups, self.consistency) for a in actors])
+        except ray.exceptions.RayActorError:
+            raise NemoError("ray: a pruning worker died while taking the corpus's units; run the same command "
+                            "again to resume the pruning from its journal") from None
 
     def group_scores(self, sets: list[Neurons], gids: list[list[int]]) -> list[list[float]]:
+        import ray
+
         n = len(self.actors)
-        calls = [(k, a.group_scores.remote(sets, [g[k::n] for g in gids]))
-                 for k, a in enumerate(self.actors) if any(g[k::n] for g in gids)]
         out: list[list[float]] = [[0.0] * len(g) for g in gids]
-        for (k, _), part in zip(calls, _get([ref for _, ref in calls])):
-            for row, vals in zip(out, part):
-                row[k::n] = vals
-        return out
+        todo = [k for k in range(n) if any(g[k::n] for g in gids)]
+        for tries in range(MAX_TRIES):
+            calls = [(k, self.actors[k].group_scores.remote(sets, [g[k::n] for g in gids])) for k in todo]
+            todo = []
+            for k, ref in calls:
+                try:
+                    part = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    todo.append(k)
+                    continue
+                for row, vals in zip(out, part):
+                    row[k::n] = vals
+            if not todo:
+                return out
+            if tries + 1 < MAX_TRIES:
+                self.log(f"ray: {len(todo)} pruning worker(s) died; their share of the pass goes to new ones")
+                for k in todo:
+                    self.actors[k] = self.new_actor()
+                self._hold([self.actors[k] for k in todo])
+        raise NemoError(f"ray: a pruning worker died {MAX_TRIES} times on one pass; run the same command again "
+                        f"to resume the pruning from its journal")
 
     def max_candidates(self) -> int:
         # A pass is cut over the actors, each taking up to a batch.
@@ -99,16 +127,6 @@ def _ray():
     except ImportError:
         raise NemoError("--ray needs Ray: pip install 'nemo-surgery[ray]'") from None
     return ray
-
-
-def _get(refs: list) -> list:
-    import ray
-
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayActorError:
-        raise NemoError("ray: a pruning worker died; run the same command again to resume the pruning "
-                        "from its journal") from None
 
 
 @contextmanager
@@ -195,12 +213,13 @@ class RayPruning:
         self.args = (engine, model_path, settings, log, model_config, cache_dir)
         self.stack = ExitStack()
         self.actors: list = []
+        self.new_actor: Callable[[], object] | None = None
 
     def __call__(self, local: Checker) -> Checker:
         if not self.actors:
-            new_actor, n = self.stack.enter_context(_cluster(*self.args, "the pruning"))
-            self.actors = [new_actor() for _ in range(n)]
-        return ShardedChecker(local, self.actors)
+            self.new_actor, n = self.stack.enter_context(_cluster(*self.args, "the pruning"))
+            self.actors = [self.new_actor() for _ in range(n)]
+        return ShardedChecker(local, self.actors, self.new_actor, self.args[3])
 
     def __enter__(self) -> "RayPruning":
         return self

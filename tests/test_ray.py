@@ -136,7 +136,8 @@ def test_pruning_on_ray_takes_the_local_decisions(local):
     with engine.scorer.searching():
         expected = prune(engine, prompts, merged, counts, before)
     assert count(expected) < count(merged)
-    with RayPruning(engine, DEMO_MODEL, RaySettings(workers=2), cache_dir=root / "cache") as shard:
+    said: list[str] = []
+    with RayPruning(engine, DEMO_MODEL, RaySettings(workers=2), said.append, cache_dir=root / "cache") as shard:
         checker = _corpus_checker(engine, prompts, by_seed=True)
         remote = shard(checker)
         assert len(remote.actors) == 2
@@ -149,4 +150,9 @@ def test_pruning_on_ray_takes_the_local_decisions(local):
         assert [len(g) for g in got] == [len(g) for g in gids]
         for g, w in zip(got, want):
             assert g == pytest.approx(w, abs=1e-5)
+        # A worker killed between passes: its share of the next pass goes to a new one.
+        dead = remote.actors[0]
+        ray.kill(dead, no_restart=True)
+        assert remote.group_scores(sets, gids) == got
+        assert remote.actors[0] is not dead and any("pruning worker(s) died" in x for x in said), said
         assert prune(engine, prompts, merged, counts, before, shard=shard) == expected

@@ -1,5 +1,6 @@
 """A real local Ray cluster with 2 CPU workers localizes demo prompts exactly as the local loop,
-also when one of its worker processes is killed mid-prompt."""
+also when one of its worker processes is killed mid-prompt, and prunes a plan as the local
+merge does."""
 
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ def test_a_killed_worker_costs_only_its_prompt(local):
 
 def test_pruning_on_ray_takes_the_local_decisions(local):
     """The corpus pruning's passes dealt out over 2 actors of a real local cluster: every group's
-    value is the local checker's, candidates of uneven group lists included, and the walk ends in
-    the local pruning's set."""
+    value is the local checker's, candidates of uneven group lists included, a worker killed
+    between passes is replaced without changing a value, and the walk ends in the local pruning's
+    set."""
     import dataclasses
 
     from nemo_surgery.corpus import read_corpus

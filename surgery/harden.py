@@ -16,9 +16,10 @@ flag on the original model cannot be localized by NeMo: it is counted, not hidde
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -141,10 +142,12 @@ def unlocalized(r: int, recs: list[dict]) -> str:
 
 def harden(engine: Engine, corpus, records: list[dict], first: Evaluation,
            evaluate: Callable[[Plan, int], Evaluation], merge: MergeSettings, settings: HardenSettings,
-           work: Path, restart: bool = False, log: Callable[[str], None] = lambda s: None
+           work: Path, restart: bool = False, log: Callable[[str], None] = lambda s: None,
+           pruning: Callable[[], ContextManager] = lambda: contextlib.nullcontext(None)
            ) -> tuple[Evaluation, dict]:
     """Run hardening rounds after `first` (round 0). `evaluate(plan, round)` applies, verifies and
-    audits a plan. Returns the evaluation kept and the hardening record for the bundle."""
+    audits a plan. `pruning()`: a context giving each round's merge its `shard` (`RayPruning`), open
+    only while that merge runs. Returns the evaluation kept and the hardening record for the bundle."""
     if settings.rounds < 1:
         raise NemoError("--harden-rounds must be at least 1")
     rows = [_row(0, first, None, 0, 0)]
@@ -165,7 +168,9 @@ def harden(engine: Engine, corpus, records: list[dict], first: Evaluation,
             break
         extra_records += recs
         embeddings |= {pid: emb for pid, _, emb in inputs}
-        plan = _merged_plan(engine, corpus, records + extra_records, merge, embeddings, work / f"plan-r{r}.json", log)
+        with pruning() as shard:
+            plan = _merged_plan(engine, corpus, records + extra_records, merge, embeddings, work / f"plan-r{r}.json",
+                                log, shard)
         plan.settings["harden"] = {"round": r, "settings": settings.to_dict(),
                                    "adversarial_inputs": sorted(embeddings)}
         ev = evaluate(plan, r)
@@ -188,10 +193,11 @@ def harden(engine: Engine, corpus, records: list[dict], first: Evaluation,
 
 
 def _merged_plan(engine: Engine, corpus, records: list[dict], merge: MergeSettings,
-                 embeddings: dict[str, torch.Tensor], path: Path, log: Callable[[str], None]) -> Plan:
+                 embeddings: dict[str, torch.Tensor], path: Path, log: Callable[[str], None],
+                 shard: Callable | None = None) -> Plan:
     """The merge over corpus and adversarial records, reused from `path` when the records and
     embeddings are the same (a resumed build)."""
     key = sha256_bytes(canonical_json([records_digest(records), sorted(embeddings)]).encode())
     return cached_plan(path, "harden_digest", key, merge,
                        lambda: make_plan(engine, corpus, records, merge, log, embeddings,
-                                         journal=path.with_name(path.stem + ".prune.json")))
+                                         journal=path.with_name(path.stem + ".prune.json"), shard=shard))

@@ -1,6 +1,6 @@
 """A real local Ray cluster with 2 CPU workers localizes demo prompts exactly as the local loop,
 also when one of its worker processes is killed mid-prompt, and prunes a plan as the local
-merge does."""
+merge does, in a build's hardening rounds too."""
 
 from __future__ import annotations
 
@@ -158,3 +158,27 @@ def test_pruning_on_ray_takes_the_local_decisions(local):
         assert remote.group_scores(sets, gids) == got
         assert remote.actors[0] is not dead and any("pruning worker(s) died" in x for x in said), said
         assert prune(engine, prompts, merged, counts, before, shard=shard) == expected
+
+
+def test_build_prunes_on_ray_in_every_hardening_round(tmp_path):
+    """`build --ray --harden`: the first merge's pruning and each hardening round's run on actors,
+    started for each merge and stopped after it; the bundle holds the kept round's plan."""
+    from nemo_surgery.plan import Plan
+    from nemo_surgery.surgery.verify import check_weights
+    from tiny import CUT_DOWN_BUILD, cut_down_demo
+
+    # As test_harden's build, pruned: round 1 has adversarial embeddings to localize and merge.
+    data = cut_down_demo(tmp_path / "data", rows=(11, 13))
+    out = tmp_path / "release"
+    cmd = [sys.executable, "-m", "nemo_surgery.cli", "build", "--model", str(DEMO_MODEL),
+           "--corpus", str(data / "mem.csv"), "--reference", str(data / "reference.csv"), "--out", str(out),
+           "--cache-dir", str(tmp_path / "cache"), *[a for a in CUT_DOWN_BUILD if a != "--no-prune"],
+           "--audit-prompts", "2", "--harden", "--harden-rounds", "1", "--ray", "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads((out / "harden.json").read_text())["rounds"]
+    assert len(rounds) == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("ray: 2 CPU actor(s) for the pruning") == 2, proc.stderr[-3000:]
+    round_1 = proc.stderr.split("harden: round 1: localizing")[1]
+    assert "ray: 2 CPU actor(s) for the pruning" in round_1 and "pruning: neurons ->" in round_1
+    assert check_weights(DEMO_MODEL, out / "model", Plan.load(out / "plan.json")).ok

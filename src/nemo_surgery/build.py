@@ -155,9 +155,13 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     if note:
         log(note)
 
-    # On Ray the pruning's passes run on actors too (started only if the plan is not kept already).
-    with (RayPruning(engine, opts.model, opts.ray, log, opts.runtime.model_config, cache) if opts.ray
-          else contextlib.nullcontext(None)) as shard:
+    def pruning():
+        # On Ray the pruning's passes run on actors too, started only if a plan is not kept already
+        # and stopped when it is made, so that they hold no model while verification samples.
+        return (RayPruning(engine, opts.model, opts.ray, log, opts.runtime.model_config, cache) if opts.ray
+                else contextlib.nullcontext(None))
+
+    with pruning() as shard:
         plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,
                            lambda: make_plan(engine, corpus, records, opts.merge, log, journal=work / "prune.json",
                                              localized_on=results_libraries(results_path), shard=shard))
@@ -187,7 +191,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                 return evaluate(plan, round_)
 
             ev, hardening = harden(engine, corpus, records, ev, evaluate_round, opts.merge, opts.harden, work,
-                                   opts.restart, log)
+                                   opts.restart, log, pruning)
             if hardening["kept_round"] != hardening["rounds"][-1]["round"]:
                 # A later round was evaluated but not kept: the staged model is its; write the kept plan again.
                 out_model = bundle_model(opts.model, staged)

@@ -13,7 +13,7 @@ the same path on every node; the calibration travels with the actors.
 from __future__ import annotations
 
 from collections import deque
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -211,6 +211,7 @@ class RayPruning:
                  log: Callable[[str], None] = lambda s: None, model_config: Path | None = None,
                  cache_dir: Path | None = None):
         self.args = (engine, model_path, settings, log, model_config, cache_dir)
+        self.log = log
         self.stack = ExitStack()
         self.actors: list = []
         self.new_actor: Callable[[], object] | None = None
@@ -219,7 +220,7 @@ class RayPruning:
         if not self.actors:
             self.new_actor, n = self.stack.enter_context(_cluster(*self.args, "the pruning"))
             self.actors = [self.new_actor() for _ in range(n)]
-        return ShardedChecker(local, self.actors, self.new_actor, self.args[3])
+        return ShardedChecker(local, self.actors, self.new_actor, self.log)
 
     def __enter__(self) -> "RayPruning":
         return self
@@ -227,3 +228,12 @@ class RayPruning:
     def __exit__(self, *exc) -> None:
         self.actors = []
         self.stack.close()
+
+
+def ray_pruning(engine: Engine, model_path: Path, settings: RaySettings | None,
+                log: Callable[[str], None] = lambda s: None, model_config: Path | None = None,
+                cache_dir: Path | None = None) -> AbstractContextManager:
+    """A context giving `make_plan`'s `shard`: a `RayPruning` with `settings`, None without."""
+    if settings is None:
+        return nullcontext(None)
+    return RayPruning(engine, model_path, settings, log, model_config, cache_dir)

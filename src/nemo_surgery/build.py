@@ -12,7 +12,6 @@ verify and export run again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from .errors import NemoError
 from .files import atomic_dir, check_apart, clean_stale_tmp, output_path, write_json_atomic
 from .generation import GenSettings
 from .localize.detect import detection_summary, detection_text
-from .localize.distributed import RayPruning, RaySettings, ray_stream
+from .localize.distributed import RaySettings, ray_pruning, ray_stream
 from .localize.merge import MergeSettings, as_neurons, cached_plan, make_plan
 from .localize.runner import records_digest, results_libraries, run_corpus, unmet_criterion_note
 from .localize.settings import CALIBRATION_SCORE_PROMPTS, ScoreSettings, SearchSettings
@@ -158,8 +157,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     def pruning():
         # On Ray the pruning's passes run on actors too, started only if a plan is not kept already
         # and stopped when it is made, so that they hold no model while verification samples.
-        return (RayPruning(engine, opts.model, opts.ray, log, opts.runtime.model_config, cache) if opts.ray
-                else contextlib.nullcontext(None))
+        return ray_pruning(engine, opts.model, opts.ray, log, opts.runtime.model_config, cache)
 
     with pruning() as shard:
         plan = cached_plan(work / "plan.json", "results_digest", records_digest(records), opts.merge,

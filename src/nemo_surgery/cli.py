@@ -4,7 +4,6 @@ a `NemoError` into one line and a non-zero exit."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -159,16 +158,6 @@ def _ray_settings(ray_address, workers):
     from .localize.distributed import RaySettings
 
     return RaySettings(None if ray_address == "local" else ray_address, workers)
-
-
-def _ray_pruning(eng, model, ray_address, workers, cache_dir):
-    """A context giving `make_plan`'s `shard` (None without --ray)."""
-    settings = _ray_settings(ray_address, workers)
-    if settings is None:
-        return contextlib.nullcontext(None)
-    from .localize.distributed import RayPruning
-
-    return RayPruning(eng, model, settings, log, cache_dir=cache_dir)
 
 
 def _ray_worker(eng, model, ray_address, workers, cache_dir):
@@ -387,6 +376,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
           reference, seeds, timestep_index, calibration_prompts, cache_dir, theta_mem, search, runtime):
     """Merge per-prompt sets into one plan.json, check it and prune it over the corpus."""
     from .corpus import read_corpus
+    from .localize.distributed import ray_pruning
     from .localize.merge import MergeSettings, make_plan
     from .localize.runner import make_header, open_results, results_libraries
 
@@ -405,7 +395,7 @@ def merge(model, corpus, results, out, min_prompts, max_neurons, prune, allow_ou
         raise NemoError(f"{results}: only {len(recs)} of {len(c.prompts)} prompts localized; "
                         f"run 'nemo-surgery localize' again to finish")
     # An interrupted pruning resumes from its journal beside the plan.
-    with _ray_pruning(eng, model, ray_address, workers, cache_dir) as shard:
+    with ray_pruning(eng, model, _ray_settings(ray_address, workers), log, cache_dir=cache_dir) as shard:
         plan = make_plan(eng, c, recs, MergeSettings(min_prompts, max_neurons, prune), log,
                          journal=journal, localized_on=results_libraries(results), shard=shard)
     plan.save(out)

@@ -333,6 +333,7 @@ def test_outputs_record_the_library_versions(tmp_path: Path) -> None:
     assert read_back.tool["libraries"]["torch"] == torch_version
     header = make_header({"mode": "x"})
     assert header["libraries"]["onnxruntime"] == version("onnxruntime")
+    assert header["libraries"]["ray"] == version("ray")  # the test extra installs it
     # Recorded, not part of the config: a file begun on other versions still resumes.
     older = header | {"libraries": header["libraries"] | {"torch": "0.0.1"}}
     results = tmp_path / "results.jsonl"

@@ -18,9 +18,10 @@ from typing import Any
 from . import __version__
 
 TOOL_NAME = "nemo-surgery"
-# Distribution names, in the order a reader looks for them.
+# Distribution names, in the order a reader looks for them. Ray moves no figure (its actors run the
+# local code); it is listed, where installed, so that a run sharded over it records which Ray ran it.
 LIBRARIES = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "numpy", "onnxruntime",
-             "onnx", "onnxslim", "torchmetrics", "scikit-image")
+             "onnx", "onnxslim", "torchmetrics", "scikit-image", "ray")
 
 
 @functools.cache

@@ -63,10 +63,18 @@ class _Worker:
         return self.checker.group_scores(sets, gids)
 
 
+def share(k: int, actors: int, candidates: int) -> list[slice]:
+    """Which of each candidate's groups actor `k` of `actors` scores in a pass: candidate j's m-th
+    group goes to actor (m + j) mod `actors`. An early-exit walk's first stages are one group
+    each, which would otherwise all go to the first actor."""
+    return [slice((k - j) % actors, None, actors) for j in range(candidates)]
+
+
 class ShardedChecker(Checker):
     """A corpus pruning's checker whose UNet passes run on Ray actors. Each pass's groups are dealt
-    out over the actors (every n-th group of each candidate to the same one), which score them
-    with a local checker's own code; the walk, and so the logic of every decision, stays here.
+    out over the actors (every n-th group of each candidate to the same one, each candidate starting
+    at the next actor), which score them with a local checker's own code; the walk, and so the
+    logic of every decision, stays here.
     A group's value does not depend on which others share its pass (up to float noise, as between
     a local pass's two onnxruntime runs), so the decisions are the local pruning's. An actor that
     dies is replaced by a new one (`new_actor`), which takes its share of the pass again."""
@@ -94,9 +102,10 @@ class ShardedChecker(Checker):
 
         n = len(self.actors)
         out: list[list[float]] = [[0.0] * len(g) for g in gids]
-        todo = [k for k in range(n) if any(g[k::n] for g in gids)]
+        parts = [[g[s] for g, s in zip(gids, share(k, n, len(gids)))] for k in range(n)]
+        todo = [k for k in range(n) if any(parts[k])]
         for tries in range(MAX_TRIES):
-            calls = [(k, self.actors[k].group_scores.remote(sets, [g[k::n] for g in gids])) for k in todo]
+            calls = [(k, self.actors[k].group_scores.remote(sets, parts[k])) for k in todo]
             todo = []
             for k, ref in calls:
                 try:
@@ -104,8 +113,8 @@ class ShardedChecker(Checker):
                 except ray.exceptions.RayActorError:
                     todo.append(k)
                     continue
-                for row, vals in zip(out, part):
-                    row[k::n] = vals
+                for row, vals, s in zip(out, part, share(k, n, len(gids))):
+                    row[s] = vals
             if not todo:
                 return out
             if tries + 1 < MAX_TRIES:

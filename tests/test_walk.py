@@ -121,3 +121,23 @@ def test_differing_sets_are_explained_only_by_a_decision_at_its_bar():
     other = runs(("refine-neuron", "a[3]", bar, True, bar), ("refine-neuron", "a[4]", bar, True, bar))
     with pytest.raises(AssertionError, match="different candidates"):
         assert_differs_by_float_noise(*other)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=20), actors=st.integers(1, 5))
+def test_a_sharded_pass_deals_each_group_once_and_spreads_the_first_stages(sizes, actors):
+    """The Ray pruning's dealing (`distributed.share`): every group of every candidate goes to
+    exactly one actor and comes back in its place; a pass of one-group stages (an early-exit
+    walk's first) spreads over the actors instead of all landing on the first."""
+    from nemo_surgery.localize.distributed import share
+
+    gids = [[100 * j + m for m in range(size)] for j, size in enumerate(sizes)]
+    parts = [[g[s] for g, s in zip(gids, share(k, actors, len(gids)))] for k in range(actors)]
+    back = [[None] * len(g) for g in gids]
+    for k, part in enumerate(parts):
+        for row, vals, s in zip(back, part, share(k, actors, len(gids))):
+            row[s] = vals
+    assert back == gids
+    singles = [[0]] * len(sizes)
+    load = [sum(len(g[s]) for g, s in zip(singles, share(k, actors, len(singles)))) for k in range(actors)]
+    assert max(load) - min(load) <= 1

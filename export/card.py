@@ -146,6 +146,8 @@ def _settings(info: ReleaseInfo) -> list[str]:
         rows.append(["theta_mem (memorization threshold)", theta])
     if "min_mitigated" in info.verify:
         rows.append(["min share mitigated for release", info.verify["min_mitigated"]])
+    if "min_preserved" in info.verify:
+        rows.append(["min share of reference images preserved for release", info.verify["min_preserved"]])
     rows += [[k, v] for k, v in info.settings_rows()]
     if not rows:
         return lines + ["No settings recorded.", ""]
@@ -203,8 +205,20 @@ def _verification(info: ReleaseInfo) -> list[str]:
                   + (f"; the original with as many random neurons zeroed: {fmt(section(rc, 'ssim_to_original').get('mean'), 3)}"
                      if rc else "")
                   + f". {pr.get('changed')} of {pr.get('prompts')} prompts moved further from the original than "
-                  f"another seed is.", ""]
+                  f"another seed is." + _own_prompt_text(pr), ""]
     return lines
+
+
+def _own_prompt_text(pr: dict) -> str:
+    if pr.get("own_prompt_nearest") is None:
+        return ""
+    rc = section(pr, "random_control")
+    rand = f"; as many random neurons: {pct(rc['own_prompt_nearest'])}" if "own_prompt_nearest" in rc else ""
+    return (f" Of the cleaned images, {pct(pr['own_prompt_nearest'])} are still nearest to their own prompt's "
+            f"original image among the reference prompts' images for the same seed (the original: 100%{rand}; "
+            f"chance {pct(pr.get('chance'))}). The seed's starting latents keep any prompt's image near the "
+            f"original's, so this, not the SSIM, tells whether the model still draws what the prompt asks for; "
+            f"the release gate holds it to the required share.")
 
 
 def _release(info: ReleaseInfo) -> list[str]:
@@ -221,6 +235,10 @@ def _release(info: ReleaseInfo) -> list[str]:
                    f"(required: {pct(v['min_mitigated'])})" if gs.get("removed_share") is not None else
                    f"no training image reproduced by the original in full sampling; {gs.get('reproduced_after')} "
                    f"by the cleaned model (required: none)")
+    pr = section(v, "preservation")
+    if "min_preserved" in v and pr.get("own_prompt_nearest") is not None:
+        why.append(f"{pct(pr['own_prompt_nearest'])} of the reference prompts' images still nearest to their own "
+                   f"prompt's original (required: {pct(v['min_preserved'])}; chance {pct(pr.get('chance'))})")
     if section(v, "weights"):
         why.append("weight check " + ("passed" if section(v, "weights").get("ok") else "failed"))
     if section(v, "equivalence"):

@@ -314,12 +314,18 @@ def removal_text(gs: dict) -> str:
 
 
 def preservation_text(pr: dict) -> str:
-    """The non-memorized prompts' images in a few words: same-seed SSIM to the original's, against
-    random neurons of the plan's size and against another seed of the original."""
+    """The non-memorized prompts' images in a few words: how often each is still nearest to its
+    own prompt's original image (against random neurons and chance), and same-seed SSIM to the
+    original's, against random neurons of the plan's size and another seed of the original."""
     mean = section(pr, "ssim_to_original").get("mean")
     rc = section(pr, "random_control")
     rand = f", as many random neurons {fmt(section(rc, 'ssim_to_original').get('mean'), 3)}" if rc else ""
-    return (f"non-memorized prompts' images: SSIM to the original's {fmt(mean, 3)} (same seed; 1 = unchanged"
+    own = ""
+    if pr.get("own_prompt_nearest") is not None:
+        own_rand = f"as many random neurons {pct(rc['own_prompt_nearest'])}, " if "own_prompt_nearest" in rc else ""
+        own = (f"{pct(pr['own_prompt_nearest'])} still nearest to their own prompt's original image among the "
+               f"reference prompts' for the same seed ({own_rand}chance {pct(pr.get('chance'))}); ")
+    return (f"non-memorized prompts' images: {own}SSIM to the original's {fmt(mean, 3)} (same seed; 1 = unchanged"
             f"{rand}; another seed of the original {fmt(pr.get('seed_to_seed'), 3)}), "
             f"{fmt(pr.get('changed'))} / {fmt(pr.get('prompts'))} changed beyond seed noise")
 

@@ -113,6 +113,7 @@ def _row(r: int, ev: Evaluation, prev: Evaluation | None, inputs: int, localized
             "reference_prompts": ref["prompts"],
             # Full sampling's view of the same drift (None where verify sampled no reference prompt).
             "reference_ssim": ev.verify.get("preservation", {}).get("ssim_to_original", {}).get("mean"),
+            "reference_own_prompt_nearest": ev.verify.get("preservation", {}).get("own_prompt_nearest"),
             "mitigated_share": round(ev.verify["memorized"]["share"], 4),
             "releasable": ev.verify["releasable"]}
 

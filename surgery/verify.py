@@ -23,9 +23,9 @@ from safetensors import safe_open
 from ..corpus import Prompt, evenly_spaced
 from ..errors import NemoError
 from ..files import append_jsonl, atomic_path, canonical_json, sha256_bytes, sha256_file
-from ..generation import (COPY_SSIM, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, from_uint8, generate,
-                          image_size, load_image, nearest_and_copy_share, nearest_share, reconstruct, ssim,
-                          to_uint8)
+from ..generation import (COPY_SSIM, NEAREST_PX, REPRODUCED_ABOVE, Gallery, GenSettings, diversity, from_uint8,
+                          generate, image_size, load_image, nearest_and_copy_share, nearest_share, reconstruct,
+                          ssim, thumbnail, to_uint8)
 from ..localize.calibrate import score_bar
 from ..localize.detect import auroc
 from ..localize.merge import as_layers, most_needed
@@ -254,7 +254,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                   "control_seed": control_seed, "sampling": asdict(settings),
                   "prompts": [[p.id, p.text, sha256_file(p.image)] for p in with_img], "reference": list(reference),
                   "chunk_prompts": CHUNK_PROMPTS, "shown": sorted(shown), "reference_shown": REFERENCE_SHOWN,
-                  "keep": None if keep is None else sorted(keep), "pixels": "uint8"}
+                  "keep": None if keep is None else sorted(keep), "pixels": "uint8", "thumbnails": NEAREST_PX}
         done = _open_journal(journal, config)
         if done:
             log(f"{stage}: resuming: {len(done)} of {-(-len(items) // CHUNK_PROMPTS)} chunks of prompts already "
@@ -264,6 +264,7 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
     # are loaded when a chunk is first sampled: a run resumed at its end needs none of them.
     near: Gallery | None = None
     rows, kept_rows, grid, ref_grid, samples = [], [], [], [], {}
+    thumbs: dict[str, list[np.ndarray]] = {"before": [], "after": [], "random": []}
     t0 = time.perf_counter()
     for start in range(0, len(items), CHUNK_PROMPTS):
         chunk = items[start:start + CHUNK_PROMPTS]
@@ -283,6 +284,10 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
                 append_jsonl(journal, rec)
         rows += rec["rows"]
         kept_rows += rec["kept_rows"]
+        for t in range(len(rec["kept_rows"])):
+            for m, into in thumbs.items():
+                if f"thumb:{t}/{m}" in images:
+                    into.append(images[f"thumb:{t}/{m}"])
         for pictures, into in ((rec["pictures"], grid), (rec["reference_pictures"], ref_grid)):
             into += [(label, images[f"{label}/before"], images[f"{label}/after"]) for label in pictures]
         for pid in rec["samples"]:
@@ -295,6 +300,8 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
             + (" (from the journal)" if key in done else "")
             + (" (the original's images kept from an earlier run)" if reused else ""))
     control_of = {"neurons": sum(len(v) for v in neurons.values()), "seed": control_seed} if neurons else None
+    if kept_rows:
+        _add_own_prompt_nearest(kept_rows, *(np.stack(v) if v else None for v in thumbs.values()))
     return _generation_summary(rows, kept_rows, settings, control_of, pictured=len(grid)), grid + ref_grid, samples
 
 
@@ -319,6 +326,11 @@ def _sample_chunk(original: Model, cleaned: Model, chunk: list[tuple[Prompt | No
         c = None if control is None else control[j]
         if p is None:
             rec["kept_rows"].append(_preservation_row(before[j], after[j], c))
+            # thumbnails, for `own_prompt_nearest` over all reference prompts once every chunk is in
+            t = len(rec["kept_rows"]) - 1
+            for m, x in (("before", before[j]), ("after", after[j]), ("random", c)):
+                if x is not None:
+                    images[f"thumb:{t}/{m}"] = np.stack([thumbnail(v) for v in x])
             n_ref = ref_pictured + len(rec["reference_pictures"])
             if n_ref < REFERENCE_SHOWN:  # so a reader sees what the SSIM means
                 label = f"reference prompt {n_ref + 1} (not memorized)"
@@ -454,36 +466,76 @@ def _preservation_row(before: np.ndarray, after: np.ndarray, control: np.ndarray
     return row
 
 
+def own_prompt_nearest(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """For each prompt and seed of (prompts, seeds, H, W, 3) images: is the cleaned image's most
+    similar original image, among all these prompts' for the same seed (SSIM, as thumbnails), its
+    own prompt's? That is whether the model still draws what the prompt asks for rather than what
+    the seed's starting latents give any prompt. SSIM to the original's alone cannot tell: on a
+    small model the seed shapes every prompt's image (on the demo two prompts' images for one seed
+    are at SSIM 0.44 to each other, two seeds of one prompt at 0.31, and with no text reaching the
+    UNet at all the images stay at 0.42 to the original's). Chance is 1 / prompts."""
+    n, k = before.shape[:2]
+    out = np.zeros((n, k), dtype=bool)
+    for s in range(k):
+        sims = Gallery((str(i), before[i, s]) for i in range(n)).similarities(after[:, s])
+        out[:, s] = sims.argmax(axis=1) == np.arange(n)
+    return out
+
+
+def _add_own_prompt_nearest(rows: list[dict], before: np.ndarray, after: np.ndarray,
+                            control: np.ndarray | None) -> None:
+    """`own_prompt_nearest` of the cleaned model's (and the control's) images, into each
+    preservation row as one flag per seed."""
+    for row, own in zip(rows, own_prompt_nearest(before, after)):
+        row["own"] = own.tolist()
+    if control is not None:
+        for row, own in zip(rows, own_prompt_nearest(before, control)):
+            row["own_rand"] = own.tolist()
+
+
 def preservation_summary(rows: list[dict], settings: GenSettings) -> dict:
     """How far surgery moved the images of prompts it was not aimed at (`_preservation_row` per
     prompt). Same seed means the same initial latents, so an untouched model gives SSIM 1. The
     yardstick is the original's own spread: SSIM between its images of one prompt under
     different seeds, what an unrelated draw of that prompt looks like. A prompt *changed* when
     its mean same-seed SSIM falls below that (the full-sampling twin of the first-step reference
-    check). With the control, the same for as many random neurons: surgery that moves these
-    images no more than random damage of its size is not targeting them, but it still moves
-    them."""
+    check). Where the rows carry `own_prompt_nearest`'s flags, the share of (prompt, seed) images
+    still nearest to their own prompt's original, with chance (1 / prompts) beside it: the
+    release gate's measure, since the seed alone keeps images near the original's. With the
+    control, the same for as many random neurons: surgery that moves these images no more than
+    random damage of its size is not targeting them, but it still moves them."""
     out_rows = []
     for r in rows:
         o = {"ssim_to_original": round(float(np.mean(r["same"])), 4), "seed_to_seed": round(r["seed_to_seed"], 4)}
         if "rand" in r:
             o["random"] = round(float(np.mean(r["rand"])), 4)
+        if "own" in r:
+            o["own_prompt_nearest"] = round(float(np.mean(r["own"])), 4)
         out_rows.append(o)
     out = {"prompts": len(rows), "seeds": list(settings.seeds), "steps": settings.steps,
            "guidance": settings.guidance, "ssim_to_original": _spread([v for r in rows for v in r["same"]]),
            "seed_to_seed": round(float(np.mean([r["seed_to_seed"] for r in rows])), 4),
            "changed": sum(o["ssim_to_original"] < o["seed_to_seed"] for o in out_rows)}
+    if rows and all("own" in r for r in rows):
+        out |= {"own_prompt_nearest": round(float(np.mean([v for r in rows for v in r["own"]])), 4),
+                "chance": round(1 / len(rows), 4)}
     if rows and all("rand" in r for r in rows):
         out["random_control"] = {"ssim_to_original": _spread([v for r in rows for v in r["rand"]]),
                                  "changed": sum(o["random"] < o["seed_to_seed"] for o in out_rows)}
+        if all("own_rand" in r for r in rows):
+            out["random_control"]["own_prompt_nearest"] = round(
+                float(np.mean([v for r in rows for v in r["own_rand"]])), 4)
     return out | {"rows": out_rows}
 
 
 def preservation(before: np.ndarray, after: np.ndarray, control: np.ndarray | None,
                  settings: GenSettings) -> dict:
     """`preservation_summary` of arrays (prompts, seeds, H, W, 3)."""
-    return preservation_summary([_preservation_row(before[i], after[i], None if control is None else control[i])
-                                 for i in range(len(before))], settings)
+    rows = [_preservation_row(before[i], after[i], None if control is None else control[i])
+            for i in range(len(before))]
+    if rows:
+        _add_own_prompt_nearest(rows, before, after, control)
+    return preservation_summary(rows, settings)
 
 
 def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], prompts: list[Prompt],
@@ -518,7 +570,9 @@ def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], pr
                "random_copies_removed_share": rc.get("copies_removed_share"),
                "reference_ssim": (pr.get("ssim_to_original") or {}).get("mean"),
                "random_reference_ssim": ((pr.get("random_control") or {}).get("ssim_to_original") or {}).get("mean"),
-               "reference_seed_to_seed": pr.get("seed_to_seed")}
+               "reference_seed_to_seed": pr.get("seed_to_seed"),
+               "reference_own_prompt_nearest": pr.get("own_prompt_nearest"),
+               "random_reference_own_prompt_nearest": (pr.get("random_control") or {}).get("own_prompt_nearest")}
         if "by_type" in gen:
             row["by_type"] = gen["by_type"]
         rows.append(row)
@@ -538,6 +592,9 @@ def curve_text(row: dict) -> str:
         rnd = row.get("random_reference_ssim")
         ref = (f"; reference images' SSIM to the original's {row['reference_ssim']:.3f}"
                + (f" (random {rnd:.3f})" if rnd is not None else ""))
+    if row.get("reference_own_prompt_nearest") is not None:
+        ref += (f", own prompt's original nearest {share(row['reference_own_prompt_nearest'])}"
+                f" (random {share(row.get('random_reference_own_prompt_nearest'))})")
     return (f"{row['neurons']} neurons: reproductions {row['reproduced_before']} -> {row['reproduced_after']} "
             f"({share(row['removed_share'])} removed; as many random neurons {share(row['random_removed_share'])})"
             + ref)

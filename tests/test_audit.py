@@ -286,6 +286,9 @@ def test_verification_sampling_resumes_from_its_journal(models, tmp_path, monkey
                                           journal=journal)
 
     whole = run()
+    # the reference prompts span two chunks: whether each image is still its own prompt's is
+    # judged among all of them, from thumbnails a resumed run reads back from the journal
+    assert whole[0]["preservation"]["chance"] == round(1 / len(ref), 4) and len(ref) > 2
     journal = tmp_path / "work" / "verify.jsonl"
     first = run(journal)
     assert first[0] == whole[0] and len(calls) == 3 * 3  # before, after, control for each chunk

@@ -235,6 +235,20 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
            "seed; 1 = unchanged, as many random neurons 0.88; another seed of the original 0.31), 0 / 4 changed " \
            "beyond seed noise |" in text
     assert "mean 0.91, median 0.93, lowest 0.72 (1 = unchanged)" in text
+    assert "still nearest to their own prompt" not in text  # a bundle that did not measure it says nothing of it
+    # Images still their own prompts' (the release gate's preservation measure), where measured.
+    pr = _info().verify["preservation"]
+    pr = pr | {"own_prompt_nearest": 0.875, "chance": 0.25,
+               "random_control": pr["random_control"] | {"own_prompt_nearest": 0.9375}}
+    write_model_card(tmp_path / "own.md", _info(verify=_info().verify | {"preservation": pr, "min_preserved": 0.9}))
+    own = (tmp_path / "own.md").read_text(encoding="utf-8")
+    assert "| full sampling, reference prompts | non-memorized prompts' images: 87.5% still nearest to their own " \
+           "prompt's original image among the reference prompts' for the same seed (as many random neurons 93.8%, " \
+           "chance 25.0%); SSIM to the original's 0.91" in own
+    assert "87.5% of the reference prompts' images still nearest to their own prompt's original (required: 90.0%; " \
+           "chance 25.0%)" in own
+    assert "| min share of reference images preserved for release | 0.9 |" in own
+    assert "Of the cleaned images, 87.5% are still nearest to their own prompt's original image" in own
     # No memorized prompt with a training image: the card says nothing was sampled, not "0 before".
     v = _info().verify | {"generation": [], "generation_summary": {"prompts": 0, "reproduced_before": 0,
                                                                    "reproduced_after": 0, "removed_share": 1.0}}

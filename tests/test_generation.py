@@ -49,6 +49,13 @@ def test_preservation_against_seed_noise_and_control() -> None:
     assert moved["changed"] == 2 and moved["random_control"]["changed"] == 0
     assert moved["ssim_to_original"]["mean"] < moved["random_control"]["ssim_to_original"]["mean"] < 1
     assert [r["seed_to_seed"] for r in moved["rows"]] == [r["seed_to_seed"] for r in same["rows"]]
+    # Whether each image is still its own prompt's: nearest to its own prompt's original among
+    # the prompts' for the same seed. Unchanged: every one; the two prompts' images swapped: none,
+    # though each is still an image the original draws; slight noise (the control): every one.
+    assert (same["own_prompt_nearest"], same["chance"]) == (1.0, 0.5)
+    swapped = preservation(before, before[::-1], noisy, settings)
+    assert swapped["own_prompt_nearest"] == 0.0 and swapped["random_control"]["own_prompt_nearest"] == 1.0
+    assert [r["own_prompt_nearest"] for r in swapped["rows"]] == [0.0, 0.0]
 
 
 def test_nearest_search_compares_thumbnails() -> None:

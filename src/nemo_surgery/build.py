@@ -52,6 +52,7 @@ class BuildOptions:
     theta_mem: float | None = None  # None: calibrated (mean + 1 std of the reference scores)
     cache_dir: Path | None = None
     min_mitigated: float = 0.95
+    min_preserved: float = 0.95  # share of reference prompts' images still their own prompt's
     allow_partial: bool = False
     onnx: bool = False
     card_include_prompts: bool = False
@@ -258,10 +259,13 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
                                              originals=work / "originals" if opts.harden is not None else None)
     kept = gen.pop("preservation", None)
     # Releasable only if the score says memorization is gone AND, where training images are
-    # known, full sampling no longer reproduces them: the first-step score alone can be fooled.
-    releasable = weights.ok and equiv["exact"] and (
+    # known, full sampling no longer reproduces them (the first-step score alone can be fooled),
+    # AND, where reference prompts were sampled, their images are still their own prompts'.
+    preserved = (kept or {}).get("own_prompt_nearest")
+    releasable = weights.ok and equiv["exact"] and (preserved is None or preserved >= opts.min_preserved) and (
         not mem_prompts or (mem_v["share"] >= opts.min_mitigated and sampling_removal(gen) >= opts.min_mitigated))
-    verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "weights": weights.to_dict(),
+    verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "min_preserved": opts.min_preserved,
+              "weights": weights.to_dict(),
               "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
               "generation_summary": {k: v for k, v in gen.items() if k != "rows"},
               **({"preservation": kept} if kept else {}),

@@ -597,6 +597,10 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @click.option("--prune/--no-prune", default=True, show_default=True)
 @click.option("--min-mitigated", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Share of memorized prompts that must be mitigated for a releasable bundle.")
+@click.option("--min-preserved", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Share of the sampled reference prompts' images (prompt, seed) that must still be nearest to their "
+                   "own prompt's original image, among the reference prompts' for the same seed, for a releasable "
+                   "bundle.")
 @click.option("--allow-partial", is_flag=True, help="Exit 0 even when the bundle is not releasable.")
 @click.option("--onnx/--no-onnx", default=False, show_default=True, help="Also export the UNet to ONNX.")
 @click.option("--card-include-prompts", is_flag=True, help="List the captions in the model card.")
@@ -622,7 +626,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @audit_options
 @corpus_run_options
 @handle_errors
-def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, allow_partial, onnx,
+def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, min_preserved, allow_partial, onnx,
           card_include_prompts, license_, base_model, force, restart, audit, model_config, harden, harden_rounds,
           harden_max_drift, verify_reference_images, audit_budgets, audit_steps,
           audit_prompts, audit_controls, audit_seeds, audit_seed, sample_steps, control_images,
@@ -645,7 +649,8 @@ def build(model, corpus, out, min_prompts, max_neurons, prune, min_mitigated, al
         search=search,
         merge=MergeSettings(min_prompts, max_neurons, prune), calibration_prompts=calibration_prompts,
         theta_mem=theta_mem,
-        cache_dir=cache_dir, min_mitigated=min_mitigated, allow_partial=allow_partial, onnx=onnx,
+        cache_dir=cache_dir, min_mitigated=min_mitigated, min_preserved=min_preserved, allow_partial=allow_partial,
+        onnx=onnx,
         card_include_prompts=card_include_prompts, license=license_, base_model=base_model, force=force,
         restart=restart, allow_outside_images=allow_outside_images,
         audit=_audit_settings(audit_budgets, audit_steps, audit_prompts, audit_controls, audit_seeds, audit_seed,

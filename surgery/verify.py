@@ -582,6 +582,35 @@ def removal_curve(original: Model, copy: Model, plan: Plan, sizes: list[int], pr
             "sizes": rows}
 
 
+def curve_choice(rows: list[dict], min_mitigated: float, min_preserved: float) -> dict:
+    """What a publisher picks K from, in the release gate's terms (sizes above 0): the smallest K
+    whose removal of reproductions reaches `min_mitigated`; among the sizes whose reference images
+    stay their prompts' own in at least `min_preserved` of cases, the one that removes most (the
+    smaller on a tie); and the smallest K that does both. Each is None where no size qualifies."""
+    sized = [r for r in rows if r["neurons"] > 0 and r.get("removed_share") is not None]
+    removing = [r for r in sized if r["removed_share"] >= min_mitigated]
+    keeping = [r for r in sized if (r.get("reference_own_prompt_nearest") or 0) >= min_preserved]
+    both = [r for r in removing if r in keeping]
+    return {"min_mitigated": min_mitigated, "min_preserved": min_preserved,
+            "smallest_removing": min(r["neurons"] for r in removing) if removing else None,
+            "most_removing_preserved": min(keeping, key=lambda r: (-r["removed_share"], r["neurons"]))["neurons"]
+            if keeping else None,
+            "meets_both": min(r["neurons"] for r in both) if both else None}
+
+
+def curve_choice_text(choice: dict, rows: list[dict]) -> str:
+    by_k = {r["neurons"]: r for r in rows}
+    need = f"{choice['min_mitigated']:.0%} of reproductions removed"
+    keep = f"{choice['min_preserved']:.0%} of reference images still their prompt's own"
+    if choice["meets_both"] is not None:
+        return f"curve: K = {choice['meets_both']} is the smallest size with both {need} and {keep}"
+    s, b = choice["smallest_removing"], choice["most_removing_preserved"]
+    return (f"curve: no size has both {need} and {keep}; "
+            + (f"K = {s} is the smallest to remove that many" if s is not None else "none removes that many")
+            + "; " + (f"K = {b} removes most ({by_k[b]['removed_share']:.0%}) while keeping that many" if b is not None
+                      else "none keeps that many"))
+
+
 def curve_text(row: dict) -> str:
     """One size of `removal_curve` in a line."""
     def share(v: float | None) -> str:

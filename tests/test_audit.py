@@ -404,3 +404,31 @@ def test_removal_where_nothing_was_reproduced_before() -> None:
     assert sampling_removal(fresh) == 0.0 and removal_text(fresh).startswith("nothing to remove")
     clean = {"removed_share": None, "reproduced_after": 0, "appeared_after": 0}
     assert sampling_removal(clean) == 1.0 and removal_text(clean) == "nothing to remove"
+
+
+def test_curve_choice_names_the_sizes_a_release_could_take() -> None:
+    """`curve`'s choice, in the release gate's terms: the smallest K removing enough, the K that
+    removes most while the other prompts keep their images, and the smallest doing both."""
+    from nemo_surgery.surgery.verify import curve_choice, curve_choice_text
+
+    def row(k, removed, own):
+        return {"neurons": k, "removed_share": removed, "reference_own_prompt_nearest": own}
+
+    # The demo's curve (docs/demo.md): no size does both.
+    demo = [row(0, 0.0, 1.0), row(10, 0.0, 0.95), row(25, 0.0, 0.91), row(50, 0.09, 0.78), row(248, 0.73, 0.27)]
+    c = curve_choice(demo, 0.95, 0.95)
+    assert (c["smallest_removing"], c["most_removing_preserved"], c["meets_both"]) == (None, 10, None)
+    assert curve_choice(demo, 0.7, 0.9)["smallest_removing"] == 248  # K = 0, the original, is never chosen
+    assert curve_choice(demo, 0.7, 0.9)["most_removing_preserved"] == 10  # a tie in removal: the smaller
+    assert curve_choice(demo, 0.7, 0.75)["most_removing_preserved"] == 50
+    text = curve_choice_text(c, demo)
+    assert "no size has both 95% of reproductions removed and 95% of reference images" in text
+    assert "none removes that many" in text and "K = 10 removes most (0%) while keeping that many" in text
+    # A model whose memorization is local: a small K does both, and the smallest such is named.
+    local = [row(2, 0.5, 1.0), row(5, 1.0, 0.97), row(8, 1.0, 0.96), row(40, 1.0, 0.6)]
+    c = curve_choice(local, 0.95, 0.95)
+    assert (c["smallest_removing"], c["most_removing_preserved"], c["meets_both"]) == (5, 5, 5)
+    assert curve_choice_text(c, local).startswith("curve: K = 5 is the smallest size with both")
+    # Without a reference image sampled nothing counts as preserved; nothing to remove, no K.
+    assert curve_choice([row(5, 1.0, None)], 0.95, 0.95)["most_removing_preserved"] is None
+    assert curve_choice([row(5, None, 1.0)], 0.95, 0.95)["meets_both"] is None

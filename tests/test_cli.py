@@ -368,6 +368,7 @@ def test_curve_of_smaller_plans(tmp_path, tiny_model):
     assert rows[0]["reference_ssim"] == 1.0 and rows[0]["reproduced_after"] == rows[0]["reproduced_before"]
     assert rows[0]["random_reference_ssim"] is None and rows[2]["random_reference_ssim"] is not None
     assert rows[0]["reference_own_prompt_nearest"] == 1.0 and rows[2]["random_reference_own_prompt_nearest"] is not None
+    assert c["choice"]["min_mitigated"] == c["choice"]["min_preserved"] == 0.95 and "curve: " in proc.stderr
     assert all(r["prompts"] == 2 for r in rows) and "curve: 4 neurons: reproductions" in proc.stderr
     # Each size split by the prompts' types, as verification splits a release's figures.
     for r in rows:

@@ -151,6 +151,22 @@ def ray_options(f: Callable) -> Callable:
     return f
 
 
+def release_gate_options(f: Callable) -> Callable:
+    """The shares a releasable bundle needs: `build` decides by them, `curve` picks sizes by them."""
+    opts = [
+        click.option("--min-mitigated", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+                     help="Share of memorized prompts that must be mitigated (by the score and, where training "
+                          "images are known, by full sampling) for a releasable bundle."),
+        click.option("--min-preserved", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+                     help="Share of the sampled reference prompts' images (prompt, seed) that must still be nearest "
+                          "to their own prompt's original image, among the reference prompts' for the same seed, "
+                          "for a releasable bundle."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _ray_settings(ray_address, workers):
     """--ray alone means a local cluster; --ray ADDRESS joins one; no --ray, no Ray."""
     if not ray_address:
@@ -465,12 +481,13 @@ def _sizes(ctx, param, value: str) -> tuple[int, ...]:  # noqa: ARG001
 @click.option("--sample-steps", type=click.IntRange(1), default=50, show_default=True,
               help="DDIM steps when sampling (guidance 7.5).")
 @click.option("--sample-seeds", type=click.IntRange(1), default=4, show_default=True)
+@release_gate_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("curve.json"), show_default=True)
 @allow_outside
 @runtime_options
 @handle_errors
-def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_steps, sample_seeds, out,
-          allow_outside_images, runtime):
+def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_steps, sample_seeds, min_mitigated,
+          min_preserved, out, allow_outside_images, runtime):
     """What smaller plans would remove and cost: the plan's K most needed neurons zeroed for each K, against as
     many random neurons (reproductions of training images, and reference prompts' images against the
     original's). Pick `merge/build --max-neurons K` from it."""
@@ -479,7 +496,7 @@ def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_s
     from .files import write_json_atomic
     from .generation import GenSettings
     from .plan import Plan
-    from .surgery.verify import removal_curve
+    from .surgery.verify import curve_choice, curve_choice_text, removal_curve
 
     check_apart(out, model=model, corpus=corpus, plan=plan_path, reference_prompts=reference)
     plan = Plan.load(plan_path)
@@ -495,6 +512,8 @@ def curve(model, corpus, plan_path, sizes, reference, reference_images, sample_s
     result = removal_curve(original, copy, plan, [*sizes, plan.n_neurons], c.prompts,
                            [p.text for p in evenly_spaced(list(ref_corpus.prompts), reference_images)], settings,
                            log=log, work=work)
+    result["choice"] = curve_choice(result["sizes"], min_mitigated, min_preserved)
+    log(curve_choice_text(result["choice"], result["sizes"]))
     result |= {"plan_sha256": plan.sha256(), "corpus_sha256": c.sha256, "reference_sha256": ref_corpus.sha256,
                "model_fingerprint": original.fingerprint,
                "tool": tool_record()}
@@ -595,12 +614,7 @@ def audit(original, cleaned, corpus, results, out, restart, audit_budgets, audit
 @click.option("--min-prompts", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--max-neurons", type=click.IntRange(1), default=None)
 @click.option("--prune/--no-prune", default=True, show_default=True)
-@click.option("--min-mitigated", type=click.FloatRange(0, 1), default=0.95, show_default=True,
-              help="Share of memorized prompts that must be mitigated for a releasable bundle.")
-@click.option("--min-preserved", type=click.FloatRange(0, 1), default=0.95, show_default=True,
-              help="Share of the sampled reference prompts' images (prompt, seed) that must still be nearest to their "
-                   "own prompt's original image, among the reference prompts' for the same seed, for a releasable "
-                   "bundle.")
+@release_gate_options
 @click.option("--allow-partial", is_flag=True, help="Exit 0 even when the bundle is not releasable.")
 @click.option("--onnx/--no-onnx", default=False, show_default=True, help="Also export the UNet to ONNX.")
 @click.option("--card-include-prompts", is_flag=True, help="List the captions in the model card.")

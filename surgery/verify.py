@@ -287,7 +287,8 @@ def generation_measures(original: Model, cleaned: Model, prompts: list[Prompt],
         for t in range(len(rec["kept_rows"])):
             for m, into in thumbs.items():
                 if f"thumb:{t}/{m}" in images:
-                    into.append(images[f"thumb:{t}/{m}"])
+                    # as 8-bit pixels: 500 reference prompts' at 4 seeds are 300 MB so, 1.2 GB as float32
+                    into.append(to_uint8(images[f"thumb:{t}/{m}"]))
         for pictures, into in ((rec["pictures"], grid), (rec["reference_pictures"], ref_grid)):
             into += [(label, images[f"{label}/before"], images[f"{label}/after"]) for label in pictures]
         for pid in rec["samples"]:
@@ -473,11 +474,15 @@ def own_prompt_nearest(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     the seed's starting latents give any prompt. SSIM to the original's alone cannot tell: on a
     small model the seed shapes every prompt's image (on the demo two prompts' images for one seed
     are at SSIM 0.44 to each other, two seeds of one prompt at 0.31, and with no text reaching the
-    UNet at all the images stay at 0.42 to the original's). Chance is 1 / prompts."""
+    UNet at all the images stay at 0.42 to the original's). Chance is 1 / prompts. Images may be
+    given as 8-bit pixels (uint8) or as floats in [0, 1]."""
+    def floats(x: np.ndarray) -> np.ndarray:
+        return from_uint8(x) if x.dtype == np.uint8 else x
+
     n, k = before.shape[:2]
     out = np.zeros((n, k), dtype=bool)
     for s in range(k):
-        sims = Gallery((str(i), before[i, s]) for i in range(n)).similarities(after[:, s])
+        sims = Gallery((str(i), floats(before[i, s])) for i in range(n)).similarities(floats(after[:, s]))
         out[:, s] = sims.argmax(axis=1) == np.arange(n)
     return out
 

@@ -56,6 +56,12 @@ def test_preservation_against_seed_noise_and_control() -> None:
     swapped = preservation(before, before[::-1], noisy, settings)
     assert swapped["own_prompt_nearest"] == 0.0 and swapped["random_control"]["own_prompt_nearest"] == 1.0
     assert [r["own_prompt_nearest"] for r in swapped["rows"]] == [0.0, 0.0]
+    # Verification keeps the images as 8-bit pixels: they are judged the same.
+    from nemo_surgery.generation import to_uint8
+    from nemo_surgery.surgery.verify import own_prompt_nearest
+
+    for after in (before, before[::-1], noisy):
+        assert np.array_equal(own_prompt_nearest(to_uint8(before), to_uint8(after)), own_prompt_nearest(before, after))
 
 
 def test_nearest_search_compares_thumbnails() -> None:

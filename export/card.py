@@ -236,9 +236,12 @@ def _release(info: ReleaseInfo) -> list[str]:
                    f"no training image reproduced by the original in full sampling; {gs.get('reproduced_after')} "
                    f"by the cleaned model (required: none)")
     pr = section(v, "preservation")
-    if "min_preserved" in v and pr.get("own_prompt_nearest") is not None:
+    if "min_preserved" in v:
         why.append(f"{pct(pr['own_prompt_nearest'])} of the reference prompts' images still nearest to their own "
-                   f"prompt's original (required: {pct(v['min_preserved'])}; chance {pct(pr.get('chance'))})")
+                   f"prompt's original (required: {pct(v['min_preserved'])}; chance {pct(pr.get('chance'))})"
+                   if pr.get("own_prompt_nearest") is not None else
+                   "no reference prompt sampled in full, so the decision does not say whether their images are "
+                   "still their own")
     if section(v, "weights"):
         why.append("weight check " + ("passed" if section(v, "weights").get("ok") else "failed"))
     if section(v, "equivalence"):

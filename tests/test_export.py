@@ -249,6 +249,10 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
            "chance 25.0%)" in own
     assert "| min share of reference images preserved for release | 0.9 |" in own
     assert "Of the cleaned images, 87.5% are still nearest to their own prompt's original image" in own
+    unsampled = {k: x for k, x in _info().verify.items() if k != "preservation"} | {"min_preserved": 0.9}
+    write_model_card(tmp_path / "unsampled.md", _info(verify=unsampled))
+    assert "no reference prompt sampled in full, so the decision does not say whether their images are still " \
+           "their own" in (tmp_path / "unsampled.md").read_text(encoding="utf-8")
     # No memorized prompt with a training image: the card says nothing was sampled, not "0 before".
     v = _info().verify | {"generation": [], "generation_summary": {"prompts": 0, "reproduced_before": 0,
                                                                    "reproduced_after": 0, "removed_share": 1.0}}

@@ -218,7 +218,10 @@ def _own_prompt_text(pr: dict) -> str:
             f"original image among the reference prompts' images for the same seed (the original: 100%{rand}; "
             f"chance {pct(pr.get('chance'))}). The seed's starting latents keep any prompt's image near the "
             f"original's, so this, not the SSIM, tells whether the model still draws what the prompt asks for; "
-            f"the release gate holds it to the required share.")
+            f"the release gate holds it to the required share."
+            + (f" The original keeps two prompts' images for one seed at SSIM {fmt(pr['prompt_to_prompt'], 3)} to "
+               f"each other: the nearer that is to 1, the less change it takes to make an image nearer another "
+               f"prompt's." if pr.get("prompt_to_prompt") is not None else ""))
 
 
 def _release(info: ReleaseInfo) -> list[str]:

@@ -323,8 +323,10 @@ def preservation_text(pr: dict) -> str:
     own = ""
     if pr.get("own_prompt_nearest") is not None:
         own_rand = f"as many random neurons {pct(rc['own_prompt_nearest'])}, " if "own_prompt_nearest" in rc else ""
+        apart = (f"; two prompts' original images for one seed at SSIM {fmt(pr['prompt_to_prompt'], 3)}"
+                 if pr.get("prompt_to_prompt") is not None else "")
         own = (f"{pct(pr['own_prompt_nearest'])} still nearest to their own prompt's original image among the "
-               f"reference prompts' for the same seed ({own_rand}chance {pct(pr.get('chance'))}); ")
+               f"reference prompts' for the same seed ({own_rand}chance {pct(pr.get('chance'))}{apart}); ")
     return (f"non-memorized prompts' images: {own}SSIM to the original's {fmt(mean, 3)} (same seed; 1 = unchanged"
             f"{rand}; another seed of the original {fmt(pr.get('seed_to_seed'), 3)}), "
             f"{fmt(pr.get('changed'))} / {fmt(pr.get('prompts'))} changed beyond seed noise")

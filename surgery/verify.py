@@ -467,6 +467,17 @@ def _preservation_row(before: np.ndarray, after: np.ndarray, control: np.ndarray
     return row
 
 
+def _same_seed_similarities(before: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """SSIM (as thumbnails) of each of `images` (prompts, seeds, H, W, 3) to each prompt's
+    original image for the same seed: (seeds, prompts, prompts). 8-bit pixels or floats."""
+    def floats(x: np.ndarray) -> np.ndarray:
+        return from_uint8(x) if x.dtype == np.uint8 else x
+
+    n, k = before.shape[:2]
+    return np.stack([Gallery((str(i), floats(before[i, s])) for i in range(n)).similarities(floats(images[:, s]))
+                     for s in range(k)])
+
+
 def own_prompt_nearest(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """For each prompt and seed of (prompts, seeds, H, W, 3) images: is the cleaned image's most
     similar original image, among all these prompts' for the same seed (SSIM, as thumbnails), its
@@ -476,23 +487,26 @@ def own_prompt_nearest(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     are at SSIM 0.44 to each other, two seeds of one prompt at 0.31, and with no text reaching the
     UNet at all the images stay at 0.42 to the original's). Chance is 1 / prompts. Images may be
     given as 8-bit pixels (uint8) or as floats in [0, 1]."""
-    def floats(x: np.ndarray) -> np.ndarray:
-        return from_uint8(x) if x.dtype == np.uint8 else x
+    sims = _same_seed_similarities(before, after)
+    return (sims.argmax(axis=2) == np.arange(before.shape[0])).T
 
-    n, k = before.shape[:2]
-    out = np.zeros((n, k), dtype=bool)
-    for s in range(k):
-        sims = Gallery((str(i), floats(before[i, s])) for i in range(n)).similarities(floats(after[:, s]))
-        out[:, s] = sims.argmax(axis=1) == np.arange(n)
-    return out
+
+def prompt_to_prompt(before: np.ndarray) -> np.ndarray:
+    """Per prompt, the mean SSIM of its original images to the other prompts' for the same seed:
+    how far apart the original keeps the prompts, the scale `own_prompt_nearest` works at (where
+    the original draws nearly the same image for every prompt, a small change flips the nearest)."""
+    n = before.shape[0]
+    sims = _same_seed_similarities(before, before)
+    off = ~np.eye(n, dtype=bool)
+    return np.array([sims[:, i, off[i]].mean() if n > 1 else 1.0 for i in range(n)])
 
 
 def _add_own_prompt_nearest(rows: list[dict], before: np.ndarray, after: np.ndarray,
                             control: np.ndarray | None) -> None:
     """`own_prompt_nearest` of the cleaned model's (and the control's) images, into each
-    preservation row as one flag per seed."""
-    for row, own in zip(rows, own_prompt_nearest(before, after)):
-        row["own"] = own.tolist()
+    preservation row as one flag per seed, with the row's `prompt_to_prompt`."""
+    for row, own, p2p in zip(rows, own_prompt_nearest(before, after), prompt_to_prompt(before)):
+        row["own"], row["prompt_to_prompt"] = own.tolist(), float(p2p)
     if control is not None:
         for row, own in zip(rows, own_prompt_nearest(before, control)):
             row["own_rand"] = own.tolist()
@@ -523,7 +537,8 @@ def preservation_summary(rows: list[dict], settings: GenSettings) -> dict:
            "changed": sum(o["ssim_to_original"] < o["seed_to_seed"] for o in out_rows)}
     if rows and all("own" in r for r in rows):
         out |= {"own_prompt_nearest": round(float(np.mean([v for r in rows for v in r["own"]])), 4),
-                "chance": round(1 / len(rows), 4)}
+                "chance": round(1 / len(rows), 4),
+                "prompt_to_prompt": round(float(np.mean([r["prompt_to_prompt"] for r in rows])), 4)}
     if rows and all("rand" in r for r in rows):
         out["random_control"] = {"ssim_to_original": _spread([v for r in rows for v in r["rand"]]),
                                  "changed": sum(o["random"] < o["seed_to_seed"] for o in out_rows)}

@@ -118,7 +118,7 @@ def test_plan_verification_and_model_loads(bundle):
     assert 'alt="reference prompt 4 (not memorized) after 3"' in (out / "report.html").read_text()
     # Whether the images are still their own prompts' (nearest among the 8 prompts' originals for
     # the same seed): the plan leaves some, as random neurons of its size do (docs/demo.md).
-    assert pr["chance"] == 0.125 and 0 < pr["own_prompt_nearest"] < 1
+    assert pr["chance"] == 0.125 and 0 < pr["own_prompt_nearest"] < 1 and 0 < pr["prompt_to_prompt"] < 1
     assert 0 < pr["random_control"]["own_prompt_nearest"] < 1
     assert verify["releasable"] == (mem["share"] >= verify["min_mitigated"]
                                     and gen["removed_share"] >= verify["min_mitigated"]

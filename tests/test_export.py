@@ -238,13 +238,14 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
     assert "still nearest to their own prompt" not in text  # a bundle that did not measure it says nothing of it
     # Images still their own prompts' (the release gate's preservation measure), where measured.
     pr = _info().verify["preservation"]
-    pr = pr | {"own_prompt_nearest": 0.875, "chance": 0.25,
+    pr = pr | {"own_prompt_nearest": 0.875, "chance": 0.25, "prompt_to_prompt": 0.44,
                "random_control": pr["random_control"] | {"own_prompt_nearest": 0.9375}}
     write_model_card(tmp_path / "own.md", _info(verify=_info().verify | {"preservation": pr, "min_preserved": 0.9}))
     own = (tmp_path / "own.md").read_text(encoding="utf-8")
     assert "| full sampling, reference prompts | non-memorized prompts' images: 87.5% still nearest to their own " \
            "prompt's original image among the reference prompts' for the same seed (as many random neurons 93.8%, " \
-           "chance 25.0%); SSIM to the original's 0.91" in own
+           "chance 25.0%; two prompts' original images for one seed at SSIM 0.44); SSIM to the original's 0.91" in own
+    assert "The original keeps two prompts' images for one seed at SSIM 0.44 to each other" in own
     assert "87.5% of the reference prompts' images still nearest to their own prompt's original (required: 90.0%; " \
            "chance 25.0%)" in own
     assert "| min share of reference images preserved for release | 0.9 |" in own

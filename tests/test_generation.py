@@ -53,6 +53,8 @@ def test_preservation_against_seed_noise_and_control() -> None:
     # the prompts' for the same seed. Unchanged: every one; the two prompts' images swapped: none,
     # though each is still an image the original draws; slight noise (the control): every one.
     assert (same["own_prompt_nearest"], same["chance"]) == (1.0, 0.5)
+    apart = np.mean([ssim(before[0, k], before[1, k]) for k in range(3)])  # the two prompts, seed for seed
+    assert same["prompt_to_prompt"] == pytest.approx(apart, abs=1e-4)
     swapped = preservation(before, before[::-1], noisy, settings)
     assert swapped["own_prompt_nearest"] == 0.0 and swapped["random_control"]["own_prompt_nearest"] == 1.0
     assert [r["own_prompt_nearest"] for r in swapped["rows"]] == [0.0, 0.0]

@@ -655,6 +655,30 @@ def _gone(was: list[dict], still: str) -> float | None:
     return sum(not r[still] for r in was) / len(was) if was else None
 
 
+def release_conditions(weights_ok: bool, exact: bool, memorized: dict, generation: dict, preservation: dict | None,
+                       min_mitigated: float, min_preserved: float) -> dict[str, dict]:
+    """Each condition a releasable bundle must meet, with its figure and bar, so that a reader of
+    `verify.json` sees which failed: the weights as planned; the masked and the zeroed model
+    identical; where there are memorized prompts, the score mitigating `min_mitigated` of them
+    and, where training images are known, full sampling removing as large a share of the
+    reproductions (the first-step score alone can be fooled); where reference prompts were
+    sampled, `min_preserved` of their images still their own prompt's. A condition that could
+    not be measured is not held against the bundle, and says so."""
+    out = {"weights": {"met": bool(weights_ok)}, "masked_equals_zeroed": {"met": bool(exact)}}
+
+    def bar(share: float | None, required: float) -> dict:
+        if share is None:
+            return {"measured": False, "met": True}
+        return {"share": round(float(share), 4), "required": required, "met": bool(share >= required)}
+
+    has_memorized = bool(memorized.get("prompts"))
+    out["mitigated_by_score"] = bar(memorized["share"] if has_memorized else None, min_mitigated)
+    sampled = has_memorized and bool(generation.get("prompts"))
+    out["removed_by_sampling"] = bar(sampling_removal(generation) if sampled else None, min_mitigated)
+    out["preserved"] = bar((preservation or {}).get("own_prompt_nearest"), min_preserved)
+    return out
+
+
 def sampling_removal(summary: dict) -> float:
     """What the release gate holds full sampling to: the share of reproductions removed. Where
     the original reproduced none there is nothing to remove, but the cleaned model must not have

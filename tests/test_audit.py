@@ -432,3 +432,34 @@ def test_curve_choice_names_the_sizes_a_release_could_take() -> None:
     # Without a reference image sampled nothing counts as preserved; nothing to remove, no K.
     assert curve_choice([row(5, 1.0, None)], 0.95, 0.95)["most_removing_preserved"] is None
     assert curve_choice([row(5, None, 1.0)], 0.95, 0.95)["meets_both"] is None
+
+
+def test_release_conditions_say_which_one_failed() -> None:
+    """verify.json's `conditions`: each figure against its bar; what was not measured is said so
+    and not held against the bundle."""
+    from nemo_surgery.surgery.verify import release_conditions
+
+    mem = {"prompts": 13, "share": 0.0}
+    gen = {"prompts": 13, "removed_share": 0.727, "reproduced_after": 3}
+    c = release_conditions(True, True, mem, gen, {"own_prompt_nearest": 0.266}, 0.95, 0.95)
+    assert c["weights"] == c["masked_equals_zeroed"] == {"met": True}
+    assert c["mitigated_by_score"] == {"share": 0.0, "required": 0.95, "met": False}
+    assert c["removed_by_sampling"] == {"share": 0.727, "required": 0.95, "met": False}
+    assert c["preserved"] == {"share": 0.266, "required": 0.95, "met": False}
+    good = release_conditions(True, True, {"prompts": 2, "share": 1.0}, {"prompts": 2, "removed_share": 1.0},
+                              {"own_prompt_nearest": 0.97}, 0.95, 0.95)
+    assert all(v["met"] for v in good.values())
+    assert not release_conditions(False, True, {"prompts": 2, "share": 1.0}, {"prompts": 2, "removed_share": 1.0},
+                                  {"own_prompt_nearest": 0.97}, 0.95, 0.95)["weights"]["met"]
+    # No training image, no reference prompt sampled: the score alone decides.
+    bare = release_conditions(True, True, {"prompts": 2, "share": 1.0}, {"prompts": 0, "removed_share": None,
+                                                                         "reproduced_after": 0}, None, 0.95, 0.95)
+    assert bare["removed_by_sampling"] == bare["preserved"] == {"measured": False, "met": True}
+    # Nothing the original reproduced, but the cleaned model began to: not removed.
+    began = release_conditions(True, True, {"prompts": 2, "share": 1.0},
+                               {"prompts": 2, "removed_share": None, "reproduced_after": 1}, None, 0.95, 0.95)
+    assert began["removed_by_sampling"]["met"] is False
+    # No memorized prompt at all: nothing to mitigate or remove.
+    none = release_conditions(True, True, {"prompts": 0, "share": 1.0}, {"prompts": 0, "removed_share": None,
+                                                                         "reproduced_after": 0}, None, 0.95, 0.95)
+    assert none["mitigated_by_score"] == {"measured": False, "met": True}

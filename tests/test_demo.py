@@ -123,6 +123,11 @@ def test_plan_verification_and_model_loads(bundle):
     assert verify["releasable"] == (mem["share"] >= verify["min_mitigated"]
                                     and gen["removed_share"] >= verify["min_mitigated"]
                                     and pr["own_prompt_nearest"] >= verify["min_preserved"])
+    cond = verify["conditions"]
+    assert cond["preserved"] == {"share": pr["own_prompt_nearest"], "required": 0.95,
+                                 "met": pr["own_prompt_nearest"] >= 0.95}
+    assert cond["removed_by_sampling"]["share"] == round(gen["removed_share"], 4)
+    assert verify["releasable"] == all(c["met"] for c in cond.values())
     pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)
     img = pipe("a small red circle at the top left on blue background", num_inference_steps=5, height=64,
                width=64, output_type="np").images

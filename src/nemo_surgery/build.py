@@ -197,7 +197,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                 apply_plan(ev.plan, opts.model, out_model, force=True)
                 weights = check_weights(opts.model, out_model, ev.plan)
                 ev.verify["weights"] = weights.to_dict()
-                ev.verify["releasable"] = ev.verify["releasable"] and weights.ok
+                ev.verify["conditions"]["weights"] = {"met": weights.ok}
+                ev.verify["releasable"] = all(c["met"] for c in ev.verify["conditions"].values())
             write_json_atomic(staged / "harden.json", hardening)
             stage("harden", f"kept round {hardening['kept_round']} ({ev.plan.n_neurons} neurons); "
                   f"{hardening['stopped']}")
@@ -234,7 +235,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation
     from .export.records import by_type_text, preservation_text, sampling_text
-    from .surgery.verify import check_equivalence, check_weights, generation_measures, rescore, sampling_removal
+    from .surgery.verify import check_equivalence, check_weights, generation_measures, release_conditions, rescore
 
     tag = f" (round {round_})" if round_ else ""
     suffix = f"-r{round_}" if round_ else ""
@@ -258,14 +259,11 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
                                              # hardening's rounds all measure against the same original
                                              originals=work / "originals" if opts.harden is not None else None)
     kept = gen.pop("preservation", None)
-    # Releasable only if the score says memorization is gone AND, where training images are
-    # known, full sampling no longer reproduces them (the first-step score alone can be fooled),
-    # AND, where reference prompts were sampled, their images are still their own prompts'.
-    preserved = (kept or {}).get("own_prompt_nearest")
-    releasable = weights.ok and equiv["exact"] and (preserved is None or preserved >= opts.min_preserved) and (
-        not mem_prompts or (mem_v["share"] >= opts.min_mitigated and sampling_removal(gen) >= opts.min_mitigated))
-    verify = {"releasable": releasable, "min_mitigated": opts.min_mitigated, "min_preserved": opts.min_preserved,
-              "weights": weights.to_dict(),
+    conditions = release_conditions(weights.ok, equiv["exact"], mem_v, gen, kept, opts.min_mitigated,
+                                    opts.min_preserved)
+    releasable = all(c["met"] for c in conditions.values())
+    verify = {"releasable": releasable, "conditions": conditions, "min_mitigated": opts.min_mitigated,
+              "min_preserved": opts.min_preserved, "weights": weights.to_dict(),
               "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
               "generation_summary": {k: v for k, v in gen.items() if k != "rows"},
               **({"preservation": kept} if kept else {}),

@@ -102,7 +102,8 @@ class ShardedChecker(Checker):
 
         n = len(self.actors)
         out: list[list[float]] = [[0.0] * len(g) for g in gids]
-        parts = [[g[s] for g, s in zip(gids, share(k, n, len(gids)))] for k in range(n)]
+        shares = [share(k, n, len(gids)) for k in range(n)]
+        parts = [[g[s] for g, s in zip(gids, shares[k])] for k in range(n)]
         todo = [k for k in range(n) if any(parts[k])]
         for tries in range(MAX_TRIES):
             calls = [(k, self.actors[k].group_scores.remote(sets, parts[k])) for k in todo]
@@ -113,7 +114,7 @@ class ShardedChecker(Checker):
                 except ray.exceptions.RayActorError:
                     todo.append(k)
                     continue
-                for row, vals, s in zip(out, part, share(k, n, len(gids))):
+                for row, vals, s in zip(out, part, shares[k]):
                     row[s] = vals
             if not todo:
                 return out

@@ -467,18 +467,24 @@ def _preservation_row(before: np.ndarray, after: np.ndarray, control: np.ndarray
     return row
 
 
-def _same_seed_similarities(before: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """SSIM (as thumbnails) of each of `images` (prompts, seeds, H, W, 3) to each prompt's
-    original image for the same seed: (seeds, prompts, prompts). 8-bit pixels or floats."""
-    def floats(x: np.ndarray) -> np.ndarray:
-        return from_uint8(x) if x.dtype == np.uint8 else x
+def _floats(x: np.ndarray) -> np.ndarray:
+    return from_uint8(x) if x.dtype == np.uint8 else x
 
+
+def seed_galleries(before: np.ndarray) -> list[Gallery]:
+    """Per seed, the prompts' original images (prompts, seeds, H, W, 3; 8-bit pixels or floats)
+    made ready for the nearest-image search once, for every comparison against them."""
     n, k = before.shape[:2]
-    return np.stack([Gallery((str(i), floats(before[i, s])) for i in range(n)).similarities(floats(images[:, s]))
-                     for s in range(k)])
+    return [Gallery((str(i), _floats(before[i, s])) for i in range(n)) for s in range(k)]
 
 
-def own_prompt_nearest(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+def _same_seed_similarities(galleries: list[Gallery], images: np.ndarray) -> np.ndarray:
+    """SSIM (as thumbnails) of each of `images` (prompts, seeds, H, W, 3) to each prompt's
+    original image for the same seed (`seed_galleries`): (seeds, prompts, prompts)."""
+    return np.stack([g.similarities(_floats(images[:, s])) for s, g in enumerate(galleries)])
+
+
+def own_prompt_nearest(before: np.ndarray, after: np.ndarray, galleries: list[Gallery] | None = None) -> np.ndarray:
     """For each prompt and seed of (prompts, seeds, H, W, 3) images: is the cleaned image's most
     similar original image, among all these prompts' for the same seed (SSIM, as thumbnails), its
     own prompt's? That is whether the model still draws what the prompt asks for rather than what
@@ -486,17 +492,18 @@ def own_prompt_nearest(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     small model the seed shapes every prompt's image (on the demo two prompts' images for one seed
     are at SSIM 0.44 to each other, two seeds of one prompt at 0.31, and with no text reaching the
     UNet at all the images stay at 0.42 to the original's). Chance is 1 / prompts. Images may be
-    given as 8-bit pixels (uint8) or as floats in [0, 1]."""
-    sims = _same_seed_similarities(before, after)
+    given as 8-bit pixels (uint8) or as floats in [0, 1]; `galleries`: `seed_galleries(before)`,
+    where the caller has them."""
+    sims = _same_seed_similarities(galleries or seed_galleries(before), after)
     return (sims.argmax(axis=2) == np.arange(before.shape[0])).T
 
 
-def prompt_to_prompt(before: np.ndarray) -> np.ndarray:
+def prompt_to_prompt(before: np.ndarray, galleries: list[Gallery] | None = None) -> np.ndarray:
     """Per prompt, the mean SSIM of its original images to the other prompts' for the same seed:
     how far apart the original keeps the prompts, the scale `own_prompt_nearest` works at (where
     the original draws nearly the same image for every prompt, a small change flips the nearest)."""
     n = before.shape[0]
-    sims = _same_seed_similarities(before, before)
+    sims = _same_seed_similarities(galleries or seed_galleries(before), before)
     off = ~np.eye(n, dtype=bool)
     return np.array([sims[:, i, off[i]].mean() if n > 1 else 1.0 for i in range(n)])
 
@@ -504,11 +511,14 @@ def prompt_to_prompt(before: np.ndarray) -> np.ndarray:
 def _add_own_prompt_nearest(rows: list[dict], before: np.ndarray, after: np.ndarray,
                             control: np.ndarray | None) -> None:
     """`own_prompt_nearest` of the cleaned model's (and the control's) images, into each
-    preservation row as one flag per seed, with the row's `prompt_to_prompt`."""
-    for row, own, p2p in zip(rows, own_prompt_nearest(before, after), prompt_to_prompt(before)):
+    preservation row as one flag per seed, with the row's `prompt_to_prompt`; the originals'
+    galleries are made once for all three."""
+    galleries = seed_galleries(before)
+    for row, own, p2p in zip(rows, own_prompt_nearest(before, after, galleries),
+                             prompt_to_prompt(before, galleries)):
         row["own"], row["prompt_to_prompt"] = own.tolist(), float(p2p)
     if control is not None:
-        for row, own in zip(rows, own_prompt_nearest(before, control)):
+        for row, own in zip(rows, own_prompt_nearest(before, control, galleries)):
             row["own_rand"] = own.tolist()
 
 
@@ -677,6 +687,11 @@ def release_conditions(weights_ok: bool, exact: bool, memorized: dict, generatio
     out["removed_by_sampling"] = bar(sampling_removal(generation) if sampled else None, min_mitigated)
     out["preserved"] = bar((preservation or {}).get("own_prompt_nearest"), min_preserved)
     return out
+
+
+def is_releasable(conditions: dict[str, dict]) -> bool:
+    """A bundle is releasable when every one of its `release_conditions` is met."""
+    return all(c["met"] for c in conditions.values())
 
 
 def sampling_removal(summary: dict) -> float:

@@ -437,7 +437,7 @@ def test_curve_choice_names_the_sizes_a_release_could_take() -> None:
 def test_release_conditions_say_which_one_failed() -> None:
     """verify.json's `conditions`: each figure against its bar; what was not measured is said so
     and not held against the bundle."""
-    from nemo_surgery.surgery.verify import release_conditions
+    from nemo_surgery.surgery.verify import is_releasable, release_conditions
 
     mem = {"prompts": 13, "share": 0.0}
     gen = {"prompts": 13, "removed_share": 0.727, "reproduced_after": 3}
@@ -448,7 +448,7 @@ def test_release_conditions_say_which_one_failed() -> None:
     assert c["preserved"] == {"share": 0.266, "required": 0.95, "met": False}
     good = release_conditions(True, True, {"prompts": 2, "share": 1.0}, {"prompts": 2, "removed_share": 1.0},
                               {"own_prompt_nearest": 0.97}, 0.95, 0.95)
-    assert all(v["met"] for v in good.values())
+    assert all(v["met"] for v in good.values()) and is_releasable(good) and not is_releasable(c)
     assert not release_conditions(False, True, {"prompts": 2, "share": 1.0}, {"prompts": 2, "removed_share": 1.0},
                                   {"own_prompt_nearest": 0.97}, 0.95, 0.95)["weights"]["met"]
     # No training image, no reference prompt sampled: the score alone decides.

@@ -171,7 +171,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
     from .export.bundle import write_sha256sums
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation, harden
-    from .surgery.verify import check_weights
+    from .surgery.verify import check_weights, is_releasable
 
     mem_ids = {str(r["id"]) for r in mem}
     mem_prompts = [p for p in corpus.prompts if p.id in mem_ids]
@@ -198,7 +198,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = lambda s: None) -> Bu
                 weights = check_weights(opts.model, out_model, ev.plan)
                 ev.verify["weights"] = weights.to_dict()
                 ev.verify["conditions"]["weights"] = {"met": weights.ok}
-                ev.verify["releasable"] = all(c["met"] for c in ev.verify["conditions"].values())
+                ev.verify["releasable"] = is_releasable(ev.verify["conditions"])
             write_json_atomic(staged / "harden.json", hardening)
             stage("harden", f"kept round {hardening['kept_round']} ({ev.plan.n_neurons} neurons); "
                   f"{hardening['stopped']}")
@@ -235,7 +235,8 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     from .surgery.apply import apply_plan
     from .surgery.harden import Evaluation
     from .export.records import by_type_text, preservation_text, sampling_text
-    from .surgery.verify import check_equivalence, check_weights, generation_measures, release_conditions, rescore
+    from .surgery.verify import (check_equivalence, check_weights, generation_measures, release_conditions,
+                                 is_releasable, rescore)
 
     tag = f" (round {round_})" if round_ else ""
     suffix = f"-r{round_}" if round_ else ""
@@ -261,8 +262,7 @@ def _evaluate(opts: BuildOptions, engine, corpus, plan: Plan, mem_prompts: list,
     kept = gen.pop("preservation", None)
     conditions = release_conditions(weights.ok, equiv["exact"], mem_v, gen, kept, opts.min_mitigated,
                                     opts.min_preserved)
-    releasable = all(c["met"] for c in conditions.values())
-    verify = {"releasable": releasable, "conditions": conditions, "min_mitigated": opts.min_mitigated,
+    verify = {"releasable": is_releasable(conditions), "conditions": conditions, "min_mitigated": opts.min_mitigated,
               "min_preserved": opts.min_preserved, "weights": weights.to_dict(),
               "equivalence": equiv, "memorized": mem_v, "reference": ref_v, "generation": gen["rows"],
               "generation_summary": {k: v for k, v in gen.items() if k != "rows"},
